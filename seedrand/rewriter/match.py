@@ -1,0 +1,149 @@
+"""Resolve a policy's rules to the modules of a model.
+
+Precedence (in the spirit of torch.ao's ``QConfigMapping``, but stricter):
+
+1. Within a rule, ``exclude``/``exclude_types`` beat ``modules``/``types``.
+2. A module is selected by a rule when it matches the rule's ``modules`` (if given) and ``types`` (if given).
+3. Every selected (module, rule) pair is applied, rules in file order. Two actions that both own a module's weight
+   (``freeze_fraction``, ``random``, ``subspace``, in any combination or twice), or two ``filter_gates``, on one
+   module are an error naming both rules.
+
+Strictness: every ``modules``/``exclude`` pattern and every ``types``/``exclude_types`` entry must match at least one
+module of the model, and every rule must select at least one, unless the rule says ``optional: true``. Misspellings
+get a "did you mean" from the model's own names.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import re
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+from ..policy import Policy, Rule
+
+__all__ = ["Target", "resolve", "WEIGHT_ACTIONS"]
+
+WEIGHT_ACTIONS = frozenset({"freeze_fraction", "random", "subspace"})
+
+
+def _incompatible(a: str, b: str) -> bool:
+    return (a in WEIGHT_ACTIONS and b in WEIGHT_ACTIONS) or a == b == "filter_gates"
+
+
+@dataclass(frozen=True)
+class Target:
+    """One (module, rule) pair the passes will apply.
+
+    Attributes:
+        qualname: the module's qualified name in the model (``""`` for the root).
+        cls: the module's class (``type(module)`` before tracing).
+        rule: the policy rule that selected it.
+        seed: the policy's global seed (derive per-tensor Philox keys with ``kernels.philox.derive_seed``).
+    """
+
+    qualname: str
+    cls: type
+    rule: Rule
+    seed: int
+
+
+def _name_matches(pattern: str, name: str) -> bool:
+    return re.fullmatch(pattern[3:], name) is not None if pattern.startswith("re:") else pattern == name
+
+
+def _resolve_type(entry: str, modules: dict[str, nn.Module], policy: Policy, rule: Rule):
+    """A predicate on classes for one ``types`` entry: a dotted path, or a class name along the hierarchy."""
+    if "." in entry:
+        mod_name, _, attr = entry.rpartition(".")
+        try:
+            cls = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError):
+            raise policy.error(f"type {entry!r} cannot be imported", rule) from None
+        if not isinstance(cls, type):
+            raise policy.error(f"type {entry!r} is not a class", rule)
+        return lambda c: issubclass(c, cls)
+    known = {c.__name__ for m in modules.values() for c in type(m).__mro__}
+    known |= {n for n, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)}
+    if entry not in known:
+        close = difflib.get_close_matches(entry, sorted(known), n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise policy.error(f"unknown type {entry!r}{hint}", rule)
+    return lambda c: any(k.__name__ == entry for k in c.__mro__)
+
+
+def _check_nonempty(kind: str, entry: str, hits: int, names: list[str], policy: Policy, rule: Rule) -> None:
+    if hits or rule.optional:
+        return
+    hint = ""
+    if not entry.startswith("re:") and kind in ("modules", "exclude"):
+        close = difflib.get_close_matches(entry, names, n=1, cutoff=0.6)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+    raise policy.error(f"{kind} entry {entry!r} matches no module of the model{hint} (set optional: true to allow)",
+                       rule)
+
+
+def _select(rule: Rule, modules: dict[str, nn.Module], policy: Policy) -> list[str]:
+    names = list(modules)
+    m = rule.match
+
+    def name_filter(patterns: list[str], kind: str) -> set[str]:
+        chosen: set[str] = set()
+        for p in patterns:
+            hits = {n for n in names if _name_matches(p, n)}
+            _check_nonempty(kind, p, len(hits), names, policy, rule)
+            chosen |= hits
+        return chosen
+
+    def type_filter(entries: list[str], kind: str) -> set[str]:
+        chosen: set[str] = set()
+        for t in entries:
+            pred = _resolve_type(t, modules, policy, rule)
+            hits = {n for n, mod in modules.items() if pred(type(mod))}
+            _check_nonempty(kind, t, len(hits), names, policy, rule)
+            chosen |= hits
+        return chosen
+
+    selected = set(names)
+    if m.modules:
+        selected &= name_filter(m.modules, "modules")
+    if m.types:
+        selected &= type_filter(m.types, "types")
+    selected -= name_filter(m.exclude, "exclude") | type_filter(m.exclude_types, "exclude_types")
+    if not selected and not rule.optional:
+        raise policy.error("selects no module: its modules and types match, but never the same module "
+                           "(or exclude removes them all); set optional: true to allow", rule)
+    return [n for n in names if n in selected]
+
+
+def resolve(policy: Policy, model: nn.Module) -> list[Target]:
+    """Every (module, rule) pair the policy selects in ``model``, rules in file order, modules in model order.
+
+    Args:
+        policy: a validated :class:`~seedrand.policy.Policy`.
+        model: the module the names refer to (``model.named_modules()``; ``""`` is the root).
+
+    Returns:
+        A list of :class:`Target`.
+
+    Raises:
+        PolicyError: a pattern, type or rule matches nothing (and the rule is not optional), a type is unknown, or
+            two incompatible actions land on one module; the message names the rule(s) and YAML line.
+    """
+    modules = dict(model.named_modules(remove_duplicate=False))
+    targets: list[Target] = []
+    owner: dict[tuple[str, str], Rule] = {}
+    for rule in policy.rules:
+        for name in _select(rule, modules, policy):
+            for (other_name, other_action), other in owner.items():
+                if other_name == name and _incompatible(other_action, rule.action):
+                    shown = repr(name) if name else "the root module"
+                    raise policy.error(
+                        f"action {rule.action} on {shown} conflicts with action {other_action} of rule "
+                        f"{other.label}" + (f" (line {other._line})" if other._line else "")
+                        + "; one module can take only one of them", rule)
+            owner[(name, rule.action)] = rule
+            targets.append(Target(name, type(modules[name]), rule, policy.seed))
+    return targets

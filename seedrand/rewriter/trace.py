@@ -1,0 +1,268 @@
+"""Capture a model's forward as a ``torch.fx.GraphModule`` that trains, and switches train/eval, like the model.
+
+Strategy, tried in order:
+
+1. ``torch.fx`` symbolic tracing with a tracer that keeps every module a rule selected as a leaf (``call_module``
+   node), so passes can swap whole modules. The model is traced in train and in eval mode; when the two graphs
+   differ (Python branches on ``self.training``), the result is locked to the mode the model was in. When example
+   inputs are given, the traced graph's outputs must equal the model's bit for bit, or the next strategy is tried.
+2. ``torch.export.export(strict=False)`` with every dimension of every tensor input ``Dim.AUTO`` (dynamic where the
+   model allows; pass a batch of at least 2 so the batch dimension is not specialized), run in train mode. The
+   constant train flags of ``aten.batch_norm``/``aten.dropout`` and the ``num_batches_tracked`` increments are tied
+   to the module's ``training`` attribute, so ``.train()``/``.eval()`` work; an eval-mode export checks that nothing
+   else differs between the modes (if something does, the result is locked to the model's mode). Modules are
+   inlined into aten ops; each op keeps its module path and class in ``node.meta["nn_module_stack"]``.
+
+Real transformers models (GPT-2, ViT, ResNet, MobileNetV2) need strategy 2, hence need example inputs.
+"""
+
+from __future__ import annotations
+
+import traceback
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+from torch.export import Dim
+from torch.utils import _pytree as pytree
+
+from ..errors import SeedrandError, TraceError
+
+__all__ = ["trace", "TraceInfo"]
+
+_aten = torch.ops.aten
+_VALUE_PRESERVING = {_aten.contiguous.default}  # ops whose presence in one mode only changes no value
+
+
+def _by_mode(training: bool, train_value: Any, eval_value: Any) -> Any:
+    """A constant an export baked in differently per mode (dropout p, BatchNorm momentum), chosen at run time."""
+    return train_value if training else eval_value
+
+
+@dataclass
+class TraceInfo:
+    """How a model was captured.
+
+    Attributes:
+        strategy: ``"symbolic_trace"`` or ``"torch.export"``.
+        locked_mode: ``None`` when train/eval switch freely; else the mode (``True`` = train) the graph is fixed to.
+        lock_reason: why the mode is locked, naming the op and code line that differs between modes.
+        symbolic_error: why symbolic tracing was not used (``None`` when it was).
+    """
+
+    strategy: str
+    locked_mode: Optional[bool] = None
+    lock_reason: Optional[str] = None
+    symbolic_error: Optional[str] = None
+
+
+class _ModeLock:
+    """Forward pre-hook that refuses to run a mode-locked graph in the other mode (instead of silently lying)."""
+
+    def __init__(self, mode: bool, reason: str):
+        self.mode, self.reason = mode, reason
+
+    def __call__(self, module: nn.Module, args: Any) -> None:
+        if module.training != self.mode:
+            want = "train" if self.mode else "eval"
+            raise SeedrandError(f"this graph was captured in {want} mode and cannot run in the other: {self.reason}")
+
+
+class _TrainingFlag(nn.Module):
+    """Returns its own ``training`` attribute, so a graph can read the mode ``.train()``/``.eval()`` set."""
+
+    def forward(self) -> bool:
+        return self.training
+
+
+class _LeafTracer(fx.Tracer):
+    def __init__(self, leaves: set[str]):
+        super().__init__()
+        self.leaves = leaves
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return qualname in self.leaves or super().is_leaf_module(m, qualname)
+
+
+def _user_frame(exc: BaseException) -> str:
+    """The innermost traceback line outside torch itself: the model code that tracing choked on."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
+    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
+    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
+
+
+def _in_mode(model: nn.Module, mode: bool, fn):
+    saved = {m: m.training for m in model.modules()}
+    model.train(mode)
+    try:
+        return fn()
+    finally:
+        for m, t in saved.items():
+            m.training = t
+
+
+def _same_outputs(a: Any, b: Any) -> bool:
+    la, sa = pytree.tree_flatten(a)
+    lb, sb = pytree.tree_flatten(b)
+    if len(la) != len(lb):
+        return False
+    return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
+
+
+def _symbolic(model: nn.Module, leaves: set[str], example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
+    graphs = {mode: _in_mode(model, mode, lambda: _LeafTracer(leaves).trace(model)) for mode in (True, False)}
+    mode = model.training
+    gm = fx.GraphModule(model, graphs[mode], class_name=type(model).__name__)
+    info = TraceInfo("symbolic_trace")
+    if graphs[True].python_code("self").src != graphs[False].python_code("self").src:
+        info.locked_mode, info.lock_reason = mode, "the model's forward branches on self.training"
+    if example_inputs is not None:
+        check = fx.GraphModule(model, graphs[False]).eval()
+        with torch.no_grad():
+            same = _in_mode(model, False, lambda: _same_outputs(model(*example_inputs), check(*example_inputs)))
+        if not same:
+            raise TraceError("the symbolically traced graph's outputs differ from the model's")
+    return gm, info
+
+
+def _export(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
+    dynamic = tuple({d: Dim.AUTO for d in range(a.dim())} if isinstance(a, torch.Tensor) else None
+                    for a in example_inputs)
+    return torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
+
+
+def _is_batch_count(node: fx.Node) -> bool:
+    first = node.args[0] if node.args else None
+    return (node.target == _aten.add_.Tensor and isinstance(first, fx.Node) and first.op == "get_attr"
+            and str(first.target).endswith("num_batches_tracked"))
+
+
+def _comparable_ops(gm: fx.GraphModule) -> list[fx.Node]:
+    return [n for n in gm.graph.nodes
+            if n.op == "call_function" and not _is_batch_count(n) and n.target not in _VALUE_PRESERVING]
+
+
+def _full_args(node: fx.Node) -> tuple:
+    """Positional arguments with the schema's defaults filled in (an export omits ``dropout_p=0.0`` in eval)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return tuple(node.args)
+    extra = []
+    for arg in [a for a in schema.arguments if not a.kwarg_only][len(node.args):]:
+        if arg.name in node.kwargs or not arg.has_default_value():
+            break
+        extra.append(arg.default_value)
+    return tuple(node.args) + tuple(extra)
+
+
+def _mode_constants(train_ops: list[fx.Node], eval_ops: list[fx.Node]):
+    """Pair the two exports op by op: ``(patches, None)`` where patches are ``(node, arg index, train value, eval
+    value)`` for every numeric constant that differs, or ``(None, reason)`` when anything else differs."""
+    if len(train_ops) != len(eval_ops):
+        return None, f"the train graph has {len(train_ops)} ops and the eval graph {len(eval_ops)}"
+    patches = []
+    for a, b in zip(train_ops, eval_ops):
+        args_a, args_b = _full_args(a), _full_args(b)
+        same_shape = a.target == b.target and len(args_a) == len(args_b) and repr(a.kwargs) == repr(b.kwargs)
+        for i, (x, y) in enumerate(zip(args_a, args_b) if same_shape else ()):
+            if isinstance(x, fx.Node) and isinstance(y, fx.Node) or repr(x) == repr(y):
+                continue
+            if not all(isinstance(v, (bool, int, float)) for v in (x, y)):
+                same_shape = False
+                break
+            patches.append((a, i, x, y))
+        if not same_shape:
+            lines = a.meta.get("stack_trace", "").strip().splitlines()
+            return None, f"first at {a.target} vs {b.target}" + (f": {lines[-1].strip()}" if lines else "")
+    return patches, None
+
+
+def _tie_to_mode(gm: fx.GraphModule, patches) -> None:
+    """Make the train-mode export follow ``.train()``/``.eval()``: each mode-dependent constant, and each
+    ``num_batches_tracked`` increment, reads the ``training`` attribute of a ``_seedrand_training`` submodule."""
+    gm.add_submodule("_seedrand_training", _TrainingFlag())
+    last_placeholder = [n for n in gm.graph.nodes if n.op == "placeholder"][-1]
+    with gm.graph.inserting_after(last_placeholder):
+        flag = gm.graph.call_module("_seedrand_training")
+    for node, i, train_value, eval_value in patches:
+        node.args = _full_args(node)
+        if (train_value, eval_value) == (True, False):
+            node.update_arg(i, flag)
+        else:
+            with gm.graph.inserting_before(node):
+                node.update_arg(i, gm.graph.call_function(_by_mode, (flag, train_value, eval_value)))
+    for node in gm.graph.nodes:
+        if _is_batch_count(node):
+            node.update_arg(1, flag)  # adds True (1) while training, False (0) in eval, as BatchNorm does
+
+
+def _check_batchnorm_momentum(model: nn.Module) -> None:
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats:
+            raise TraceError(f"{name} ({type(m).__name__}) uses momentum=None (a cumulative average over "
+                             "num_batches_tracked), which torch.export bakes into a constant; set a momentum")
+
+
+def _exported(model: nn.Module, example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
+    _check_batchnorm_momentum(model)
+    gm = _in_mode(model, True, lambda: _export(model, example_inputs)).module()
+    eval_ops = _comparable_ops(_in_mode(model, False, lambda: _export(model, example_inputs)).module())
+    for attr in ("train", "eval"):  # ExportedProgram.module() disables these per instance; we support them
+        gm.__dict__.pop(attr, None)
+    patches, reason = _mode_constants(_comparable_ops(gm), eval_ops)
+    info = TraceInfo("torch.export")
+    if reason is None:
+        _tie_to_mode(gm, patches)
+    else:
+        info.locked_mode = model.training
+        info.lock_reason = f"its ops differ between train and eval ({reason})"
+    gm.train(model.training)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, info
+
+
+def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = None
+          ) -> tuple[fx.GraphModule, TraceInfo]:
+    """Capture ``model`` as a GraphModule (see the module docstring for the strategy).
+
+    Args:
+        model: the module to trace (seedrand passes a private deep copy; it is not modified).
+        leaves: qualified names to keep as ``call_module`` leaves under symbolic tracing.
+        example_inputs: positional inputs (a tuple; a single tensor is accepted). Needed for the export fallback,
+            and used to check the symbolic trace.
+
+    Returns:
+        ``(graph_module, TraceInfo)``. The GraphModule's parameters are the model's own objects, in train or eval
+        mode as the model was; a mode-locked graph raises :class:`SeedrandError` when run in the other mode.
+
+    Raises:
+        TraceError: no strategy worked; the message gives each strategy's failure with the model's code line.
+    """
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
+    try:
+        gm, info = _symbolic(model, leaves, example_inputs)
+    except Exception as e:  # noqa: BLE001 - any failure of symbolic tracing means: try export
+        symbolic_error = _user_frame(e)
+    else:
+        if info.locked_mode is not None:
+            gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
+        return gm, info
+    if example_inputs is None:
+        raise TraceError(f"torch.fx symbolic tracing failed ({symbolic_error}); pass example_inputs so seedrand can "
+                         "trace with torch.export instead")
+    try:
+        gm, info = _exported(model, example_inputs)
+    except TraceError:
+        raise
+    except Exception as e:  # noqa: BLE001 - report both strategies' failures together
+        raise TraceError(f"cannot trace {type(model).__name__}: torch.fx symbolic tracing failed ({symbolic_error}); "
+                         f"torch.export failed ({_user_frame(e)}). Try: make data-dependent branches use torch.cond, "
+                         "or give example inputs whose shapes match real use") from e
+    info.symbolic_error = symbolic_error
+    if info.locked_mode is not None:
+        gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
+    return gm, info

@@ -1,0 +1,155 @@
+"""``seedrand.summary``: which modules a policy touched and where every parameter went, in the spirit of PEFT's
+``print_trainable_parameters``: trainable, frozen but stored, and regenerated (stored as a seed: zero bytes)."""
+
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass, field
+
+import torch
+import torch.nn as nn
+from rich.console import Console
+from rich.table import Table
+
+from .rewriter.graph import own_parameters
+from .rewriter.rewrite import RECORD_KEY
+
+__all__ = ["summary", "Summary", "Counts"]
+
+
+@dataclass
+class Counts:
+    """Element counts and bytes of the three kinds of tensors seedrand distinguishes."""
+
+    trainable: int = 0
+    trainable_bytes: int = 0
+    frozen: int = 0
+    frozen_bytes: int = 0
+    regenerated: int = 0
+    regenerated_bytes: int = 0  # what storing them would take; seedrand stores only seeds
+
+    def add(self, kind: str, numel: int, nbytes: int) -> None:
+        setattr(self, kind, getattr(self, kind) + numel)
+        setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
+
+
+@dataclass
+class Row:
+    """One affected module: its name, class, the rules and actions that selected it, and its own tensors."""
+
+    module: str
+    type: str
+    rules: list[str]
+    actions: list[str]
+    counts: Counts
+
+
+@dataclass
+class Summary:
+    """The result of :func:`summary`. Print it (rich table) or call :meth:`to_dict` (JSON-ready).
+
+    Attributes:
+        rows: one per module a rule selected, in the order the passes ran.
+        total: over the whole model (parameters deduplicated; buffers are not parameters and are not counted).
+        unaccounted_trainable: trainable parameter elements owned by no selected module.
+        strategy: how the model was traced, or ``None`` for a model seedrand did not rewrite.
+    """
+
+    rows: list[Row] = field(default_factory=list)
+    total: Counts = field(default_factory=Counts)
+    unaccounted_trainable: int = 0
+    strategy: str | None = None
+
+    def to_dict(self) -> dict:
+        """Plain dict of ints and strings."""
+        return asdict(self)
+
+    def __rich__(self) -> Table:
+        table = Table(title="seedrand summary" + (f" (traced with {self.strategy})" if self.strategy else ""))
+        for col in ("module", "type", "rule", "action", "trainable", "frozen (stored)", "regenerated"):
+            table.add_column(col, justify="right" if col in ("trainable", "frozen (stored)", "regenerated") else "left")
+
+        def cells(c: Counts) -> list[str]:
+            return [f"{getattr(c, k):,} ({_human(getattr(c, k + '_bytes'))})" for k in ("trainable", "frozen",
+                                                                                      "regenerated")]
+        for r in self.rows:
+            table.add_row(r.module or "(root)", r.type, ", ".join(r.rules), ", ".join(r.actions), *cells(r.counts))
+        table.add_section()
+        table.add_row("total", "", "", "", *cells(self.total))
+        share = self.total.trainable / max(1, self.total.trainable + self.total.frozen + self.total.regenerated)
+        table.caption = (f"trainable: {share:.2%} of all parameter elements; trainable parameters no rule accounts "
+                         f"for: {self.unaccounted_trainable:,}")
+        return table
+
+    def __str__(self) -> str:
+        console = Console(file=io.StringIO(), width=160, color_system=None)
+        console.print(self)
+        return console.file.getvalue()
+
+
+def _human(nbytes: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    raise AssertionError("unreachable")
+
+
+def _regenerated(module: nn.Module) -> list[tuple[int, int]]:
+    """(numel, bytes) of the tensors a seedrand module regenerates (``seedrand_regenerated()``), else none."""
+    report = getattr(module, "seedrand_regenerated", None)
+    return [(t.numel(), t.numel() * t.element_size()) for t in report().values()] if callable(report) else []
+
+
+def _count(params, counts: Counts, seen: set[int]) -> None:
+    for p in params:
+        if id(p) not in seen:
+            seen.add(id(p))
+            counts.add("trainable" if p.requires_grad else "frozen", p.numel(), p.numel() * p.element_size())
+
+
+def summary(model: nn.Module) -> Summary:
+    """Account for every parameter of ``model``: per module a policy selected, and in total.
+
+    Args:
+        model: a GraphModule returned by :func:`seedrand.rewrite` (rows per selected module), or any module
+            (totals only).
+
+    Returns:
+        A :class:`Summary`; counts are elements, ``*_bytes`` are bytes. ``regenerated`` counts the weights seedrand
+        modules report through ``seedrand_regenerated()`` (``{name: meta tensor}``); they occupy no memory.
+
+    Raises:
+        Nothing.
+    """
+    meta = getattr(model, "meta", None)
+    record = meta.get(RECORD_KEY) if isinstance(meta, dict) else None
+    result = Summary(strategy=record.trace.strategy if record else None)
+    owned: set[int] = set()
+    if record:
+        by_module: dict[str, Row] = {}
+        for t in record.targets:
+            row = by_module.get(t.qualname)
+            if row is None:
+                row = by_module[t.qualname] = Row(t.qualname, t.cls.__name__, [], [], Counts())
+                _count((p for _, p in own_parameters(model, t.qualname)), row.counts, set())
+                for numel, nbytes in _regenerated(_submodule(model, t.qualname)):
+                    row.counts.add("regenerated", numel, nbytes)
+                owned |= {id(p) for _, p in own_parameters(model, t.qualname)}
+            row.rules.append(t.rule.label)
+            row.actions.append(t.rule.action)
+        result.rows = list(by_module.values())
+    _count(model.parameters(), result.total, set())
+    for m in model.modules():
+        for numel, nbytes in _regenerated(m):
+            result.total.add("regenerated", numel, nbytes)
+    result.unaccounted_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
+                                       if p.requires_grad and id(p) not in owned)
+    return result
+
+
+def _submodule(model: nn.Module, qualname: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(qualname)
+    except AttributeError:
+        return None  # exported graphs keep only modules that own tensors

@@ -1,0 +1,99 @@
+"""Small real models with random weights, built from configs (no downloads), and example inputs for them.
+
+Each factory returns ``(model, example_inputs)`` with the model in eval mode; ``example_inputs`` is a tuple with a
+batch of 2. Used by the tests, the examples and ``seedrand inspect --model seedrand.zoo:NAME``. The ``transformers``
+models are deliberately tiny (a few layers, narrow widths) so that tracing and tests stay fast on a CPU.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES"]
+
+
+def _inputs(*shape: int) -> tuple[torch.Tensor]:
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(0)),)
+
+
+def _tokens(vocab: int, batch: int = 2, length: int = 8) -> tuple[torch.Tensor]:
+    return (torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0)),)
+
+
+def _seeded(build):
+    """Build under a fixed, local RNG state so factories are deterministic without touching the caller's RNG."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build().eval()
+
+
+def mlp() -> tuple[nn.Module, tuple]:
+    """An MLP 64-128-128-10 for 8x8 digits: input (2, 64) float32, output (2, 10)."""
+    model = _seeded(lambda: nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                                          nn.Linear(128, 10)))
+    return model, _inputs(2, 64)
+
+
+class SmallCNN(nn.Module):
+    """Conv-BN-ReLU x2, pooling, a classifier: input (N, 1, 8, 8), output (N, 10)."""
+
+    def __init__(self, width: int = 16, classes: int = 10):
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, width, 3, padding=1)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, 2 * width, 3, padding=1)
+        self.bn2 = nn.BatchNorm2d(2 * width)
+        self.dropout = nn.Dropout(0.1)
+        self.classifier = nn.Linear(2 * width * 4 * 4, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = torch.relu(self.bn1(self.conv1(x)))
+        x = nn.functional.max_pool2d(torch.relu(self.bn2(self.conv2(x))), 2)
+        return self.classifier(self.dropout(torch.flatten(x, 1)))
+
+
+def cnn() -> tuple[nn.Module, tuple]:
+    """:class:`SmallCNN` with input (2, 1, 8, 8)."""
+    return _seeded(SmallCNN), _inputs(2, 1, 8, 8)
+
+
+def resnet() -> tuple[nn.Module, tuple]:
+    """transformers ResNet (2 stages, bottleneck, BatchNorm, residual adds): input (2, 3, 32, 32)."""
+    import transformers as tf
+    cfg = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
+    return _seeded(lambda: tf.ResNetForImageClassification(cfg)), _inputs(2, 3, 32, 32)
+
+
+def mobilenet_v2() -> tuple[nn.Module, tuple]:
+    """transformers MobileNetV2 (depthwise convs, ReLU6): input (2, 3, 32, 32)."""
+    import transformers as tf
+    cfg = tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=10)
+    return _seeded(lambda: tf.MobileNetV2ForImageClassification(cfg)), _inputs(2, 3, 32, 32)
+
+
+def vit() -> tuple[nn.Module, tuple]:
+    """transformers ViT (patch embedding conv, 2 attention layers): input (2, 3, 32, 32)."""
+    import transformers as tf
+    cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                       intermediate_size=64, num_labels=10)
+    return _seeded(lambda: tf.ViTForImageClassification(cfg)), _inputs(2, 3, 32, 32)
+
+
+def gpt2() -> tuple[nn.Module, tuple]:
+    """transformers GPT-2 LM (HF ``Conv1D`` layers, tied embeddings), ``use_cache=False``: input ids (2, 8)."""
+    import transformers as tf
+    cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, use_cache=False,
+                        bos_token_id=0, eos_token_id=0)
+    return _seeded(lambda: tf.GPT2LMHeadModel(cfg)), _tokens(128)
+
+
+def bert() -> tuple[nn.Module, tuple]:
+    """transformers BERT sequence classifier (2 layers): input ids (2, 8)."""
+    import transformers as tf
+    cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=64, num_labels=3)
+    return _seeded(lambda: tf.BertForSequenceClassification(cfg)), _tokens(128)
+
+
+FACTORIES = {f.__name__: f for f in (mlp, cnn, resnet, mobilenet_v2, vit, gpt2, bert)}
