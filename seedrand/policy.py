@@ -41,6 +41,10 @@ Init = Annotated[str, AfterValidator(_check_init)]
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
 
+    def __eq__(self, other: object) -> bool:
+        # equal values are equal policies, wherever (file, line) they were written
+        return type(self) is type(other) and self.model_dump() == other.model_dump()
+
 
 class Freeze(_Strict):
     """``freeze: {}``: every parameter of the matched module becomes non-trainable; values are kept (stored)."""
@@ -171,12 +175,14 @@ class Rule(_Strict):
     def _exactly_one_action(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        named = [a for a in ACTIONS if a in data]
+        # `freeze:` with no value (null) names the action with default parameters, unless another action has
+        # a value (as in model_dump() output, where the unused actions are None)
+        named = [a for a in ACTIONS if data.get(a) is not None] or [a for a in ACTIONS if a in data]
         if not named:
             raise ValueError(f"a rule needs exactly one action, one of: {', '.join(ACTIONS)}")
         if len(named) > 1:
             raise ValueError(f"a rule names exactly one action, this one names {len(named)}: {', '.join(named)}")
-        return {**data, named[0]: {} if data[named[0]] is None else data[named[0]]}  # `freeze:` alone means {}
+        return {**{k: v for k, v in data.items() if k not in ACTIONS}, named[0]: data[named[0]] or {}}
 
     @property
     def action(self) -> str:
@@ -230,15 +236,15 @@ class Policy(_Strict):
         return yaml.safe_dump(data, sort_keys=False)
 
 
-def _node_at(node: yaml.Node, loc: tuple) -> yaml.Node:
-    """The deepest YAML node along a pydantic error location."""
+def _node_at(node: yaml.Node, loc: tuple, at_key: bool = False) -> yaml.Node:
+    """The deepest YAML node along a pydantic error location (the last key itself when ``at_key``)."""
     for key in loc:
         if isinstance(node, yaml.MappingNode):
             match = [(k, v) for k, v in node.value if k.value == key]
             if not match:
                 break
             k, v = match[0]
-            node = k if key == loc[-1] else v  # point at the key itself when the key is the problem
+            node = k if at_key and key == loc[-1] else v
         elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
             node = node.value[key]
         else:
@@ -290,7 +296,7 @@ def _clean_loc(loc: tuple) -> tuple:
 def _from_validation_error(e: ValidationError, root: yaml.Node, path: str, data: Any) -> PolicyError:
     err = e.errors()[0]
     loc = _clean_loc(err["loc"])
-    node = _node_at(root, loc)
+    node = _node_at(root, loc, at_key=err["type"] == "extra_forbidden")
     rule = None
     if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
         raw = data["rules"][loc[1]] if isinstance(data.get("rules"), list) else {}

@@ -67,18 +67,23 @@ class Summary:
     def __rich__(self) -> Table:
         table = Table(title="seedrand summary" + (f" (traced with {self.strategy})" if self.strategy else ""))
         for col in ("module", "type", "rule", "action", "trainable", "frozen (stored)", "regenerated"):
-            table.add_column(col, justify="right" if col in ("trainable", "frozen (stored)", "regenerated") else "left")
+            numeric = col in ("trainable", "frozen (stored)", "regenerated")
+            table.add_column(col, justify="right" if numeric else "left", overflow="fold", no_wrap=numeric)
 
         def cells(c: Counts) -> list[str]:
             return [f"{getattr(c, k):,} ({_human(getattr(c, k + '_bytes'))})" for k in ("trainable", "frozen",
                                                                                       "regenerated")]
+        empty = 0
         for r in self.rows:
+            if not (r.counts.trainable or r.counts.frozen or r.counts.regenerated):
+                empty += 1  # activations, dropouts, containers: selected, but nothing to account for
+                continue
             table.add_row(r.module or "(root)", r.type, ", ".join(r.rules), ", ".join(r.actions), *cells(r.counts))
         table.add_section()
         table.add_row("total", "", "", "", *cells(self.total))
         share = self.total.trainable / max(1, self.total.trainable + self.total.frozen + self.total.regenerated)
         table.caption = (f"trainable: {share:.2%} of all parameter elements; trainable parameters no rule accounts "
-                         f"for: {self.unaccounted_trainable:,}")
+                         f"for: {self.unaccounted_trainable:,}; selected modules that own no parameters: {empty}")
         return table
 
     def __str__(self) -> str:
@@ -136,7 +141,7 @@ def summary(model: nn.Module) -> Summary:
                 for numel, nbytes in _regenerated(_submodule(model, t.qualname)):
                     row.counts.add("regenerated", numel, nbytes)
                 owned |= {id(p) for _, p in own_parameters(model, t.qualname)}
-            row.rules.append(t.rule.label)
+            row.rules.append(t.rule.name or t.rule.label)
             row.actions.append(t.rule.action)
         result.rows = list(by_module.values())
     _count(model.parameters(), result.total, set())

@@ -1,0 +1,145 @@
+"""Policy schema: loading, strict errors that name the file, line, column and rule, and round trips."""
+
+import textwrap
+
+import pytest
+from pydantic import ValidationError
+
+from seedrand import Policy, PolicyError, load_policy
+from seedrand.policy import ACTIONS
+
+GOOD = """\
+version: 1
+seed: 1234
+rules:
+  - name: freeze-most-filters
+    match:
+      modules: ["re:encoder\\\\.layer\\\\.[0-5]\\\\..*", "conv1"]
+      types: [Conv2d, Linear]
+      exclude: ["classifier"]
+    freeze_fraction: {fraction: 0.9, dim: out, select: first, fixed: random, init: kaiming_uniform}
+  - match: {types: [BatchNorm2d]}
+    freeze:
+  - name: random-head
+    match: {modules: [head]}
+    random: {init: "normal(0.02)", bias: trainable}
+  - name: grow-wide
+    match: {types: [Linear]}
+    insert_random: {width: 64, count: 2, activation: gelu, residual: true, scale: per_channel}
+  - name: gates
+    match: {types: [Conv2d]}
+    filter_gates: {lambda: 1.0e-4, init: uniform, placement: output}
+  - name: sub
+    match: {types: [Linear]}
+    subspace: {dim: 750, projection: very_sparse, scope: global, theta0: random, density: 0.01}
+"""
+
+
+def write(tmp_path, text, name="policy.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_good_policy_loads_with_every_action(tmp_path):
+    policy = load_policy(write(tmp_path, GOOD))
+    assert sorted(r.action for r in policy.rules) == sorted(ACTIONS)
+    assert policy.seed == 1234
+    assert policy.rules[0].params.fraction == 0.9
+    assert policy.rules[1].params == ACTIONS["freeze"]()  # `freeze:` with no value means {}
+    assert policy.rules[4].params.lambda_ == 1.0e-4
+    assert [r._line for r in policy.rules] == [4, 10, 12, 15, 18, 21]
+    assert policy.rules[1].label == "rules[1]" and policy.rules[0].label == "'freeze-most-filters' (rules[0])"
+
+
+def test_round_trip_through_yaml(tmp_path):
+    policy = load_policy(write(tmp_path, GOOD))
+    again = load_policy(write(tmp_path, policy.to_yaml(), "again.yaml"))
+    assert again == policy
+    assert "lambda:" in policy.to_yaml() and "lambda_" not in policy.to_yaml()
+    assert Policy.model_validate(policy.model_dump(by_alias=True)) == policy
+
+
+RULE_HEAD = """\
+version: 1
+rules:
+  - name: ok
+    match: {types: [Linear]}
+    freeze: {}
+  - name: bad
+    match: {types: [Linear]}
+"""
+
+# (text appended to RULE_HEAD, line, column or None, words the message must contain); the bad rule starts at line 6
+MALFORMED = [
+    ("    freeze_fraction: {fraction: 1.0}\n", 8, None, ["fraction", "less than 1"]),
+    ("    freeze_fraction: {fraction: -0.1}\n", 8, None, ["fraction", "greater than or equal to 0"]),
+    ("    freeze_fraction: {fraction: 0.5, dimm: in}\n", 8, 38, ["unknown key 'dimm'", "did you mean 'dim'"]),
+    ("    random: {init: kaiming_unifrom}\n", 8, None, ["unknown init 'kaiming_unifrom'"]),
+    ("    random: {init: normal(-1)}\n", 8, None, ["unknown init"]),
+    ("    freeze_fraction: {fraction: 0.5, dim: sideways}\n", 8, None, ["dim", "'out' or 'in'"]),
+    ("    insert_random: {scale: scalar}\n", 8, None, ["needs residual: true"]),
+    ("    subspace: {dim: 10, projection: gaussian, density: 0.1}\n", 8, None,
+     ["density applies to projection: very_sparse"]),
+    ("    subspace: {dim: 0}\n", 8, None, ["dim", "greater than or equal to 1"]),
+    ("    filter_gates: {lambda: -1}\n", 8, None, ["lambda", "greater than or equal to 0"]),
+    ("    freeze: {}\n    random: {}\n", 6, None, ["exactly one action", "freeze, random"]),
+    ("", 6, None, ["needs exactly one action"]),
+    ("    freze: {}\n", 6, None, ["needs exactly one action"]),
+    ("    freeze: {}\n    optinal: true\n", 9, 5, ["unknown key 'optinal'", "did you mean 'optional'"]),
+    ("    freeze: {}\n  - name: empty\n    match: {}\n    freeze: {}\n", 10, None,
+     ["match needs `modules` or `types`"]),
+    ("    freeze: {}\n  - name: typo\n    match: {typs: [Linear]}\n    freeze: {}\n", 10, 13,
+     ["unknown key 'typs'", "did you mean 'types'"]),
+    ("    freeze: {}\n  - match: {modules: ['re:(unclosed']}\n    freeze: {}\n", 9, None,
+     ["invalid regular expression"]),
+]
+
+
+@pytest.mark.parametrize("text,line,column,words", MALFORMED)
+def test_malformed_policy_names_file_line_and_rule(tmp_path, text, line, column, words):
+    path = write(tmp_path, RULE_HEAD + text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    err = info.value
+    message = str(err)
+    assert err.line == line, message
+    if column is not None:
+        assert err.column == column, message
+    assert message.startswith(f"{path}:{line}:"), message
+    assert err.rule is not None and "rules[" in err.rule and err.rule in message, message
+    for word in words:
+        assert word in message, message
+
+
+@pytest.mark.parametrize("text,words", [
+    ("version: 2\nrules: []\n", ["version", "1"]),
+    ("rules: {a: 1}\n", ["rules", "list"]),
+    ("rules:\n  - match: {types: [Linear]\n    freeze: {}\n", ["invalid YAML"]),
+    ("- just\n- a list\n", ["a policy is a mapping"]),
+    ("seed: 18446744073709551616\nrules: []\n", ["seed"]),
+    ("vesrion: 1\n", ["did you mean 'version'"]),
+    ("rules: []\nseed: !!python/object:os.system [echo]\n", ["invalid YAML"]),
+])
+def test_policy_level_errors(tmp_path, text, words):
+    path = write(tmp_path, text)
+    with pytest.raises(PolicyError) as info:
+        load_policy(path)
+    assert info.value.line is not None
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_missing_file_is_a_policy_error(tmp_path):
+    with pytest.raises(PolicyError, match="cannot read policy file"):
+        load_policy(tmp_path / "nope.yaml")
+
+
+def test_empty_file_is_an_empty_policy(tmp_path):
+    assert load_policy(write(tmp_path, "")).rules == []
+
+
+def test_model_validate_from_dict_is_strict():
+    with pytest.raises(ValidationError, match="extra"):
+        Policy.model_validate({"rules": [{"match": {"types": ["Linear"]}, "freeze": {"x": 1}}]})
+    assert Policy.model_validate({"rules": [{"match": {"types": ["Linear"]}, "freeze": None}]}).rules[0].action == "freeze"
