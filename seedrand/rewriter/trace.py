@@ -18,6 +18,8 @@ Real transformers models (GPT-2, ViT, ResNet, MobileNetV2) need strategy 2, henc
 
 from __future__ import annotations
 
+import inspect
+import os
 import traceback
 from dataclasses import dataclass
 from typing import Any, Optional
@@ -86,11 +88,18 @@ class _LeafTracer(fx.Tracer):
         return qualname in self.leaves or super().is_leaf_module(m, qualname)
 
 
-def _user_frame(exc: BaseException) -> str:
-    """The innermost traceback line outside torch itself: the model code that tracing choked on."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__) if "/torch/" not in f.filename]
-    where = f" at {frames[-1].filename}:{frames[-1].lineno}: {frames[-1].line}" if frames else ""
-    return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}{where}"
+def _user_frame(exc: BaseException, model: nn.Module) -> str:
+    """The error and the innermost traceback line in the model's own code (not torch's or seedrand's); when the
+    failure happened inside torch before reaching model code, the model's ``forward`` definition."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if "/torch/" not in f.filename and f"{os.sep}seedrand{os.sep}" not in f.filename]
+    if frames:
+        where = f" at {frames[-1].filename}:{frames[-1].lineno}: {(frames[-1].line or '').strip()}"
+    else:
+        code = inspect.unwrap(type(model).forward).__code__  # past decorators such as transformers'
+        where = f" in {type(model).__name__}.forward ({code.co_filename}:{code.co_firstlineno})"
+    message = str(exc).splitlines()[0] if str(exc) else ""
+    return f"{type(exc).__name__}: {message}{where}"
 
 
 def _in_mode(model: nn.Module, mode: bool, fn):
@@ -246,7 +255,7 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
     try:
         gm, info = _symbolic(model, leaves, example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure of symbolic tracing means: try export
-        symbolic_error = _user_frame(e)
+        symbolic_error = _user_frame(e, model)
     else:
         if info.locked_mode is not None:
             gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
@@ -260,7 +269,7 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
         raise
     except Exception as e:  # noqa: BLE001 - report both strategies' failures together
         raise TraceError(f"cannot trace {type(model).__name__}: torch.fx symbolic tracing failed ({symbolic_error}); "
-                         f"torch.export failed ({_user_frame(e)}). Try: make data-dependent branches use torch.cond, "
+                         f"torch.export failed ({_user_frame(e, model)}). Try: make data-dependent branches use torch.cond, "
                          "or give example inputs whose shapes match real use") from e
     info.symbolic_error = symbolic_error
     if info.locked_mode is not None:

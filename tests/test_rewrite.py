@@ -1,0 +1,161 @@
+"""seedrand.rewrite: copy semantics, empty-policy bit-identity on real models, train/eval, freeze, errors."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+from conftest import logits
+
+import seedrand
+from seedrand import PolicyError, SeedrandError, TraceError
+from seedrand.passes import PASSES
+
+EMPTY = {"rules": []}
+TRANSFORMERS = ["resnet", "mobilenet_v2", "vit", "gpt2", "bert"]
+
+
+@pytest.fixture(scope="module")
+def rewritten(zoo_models):
+    """Each zoo model rewritten with the empty policy, once per module."""
+    return {name: seedrand.rewrite(model, EMPTY, inputs) for name, (model, inputs) in zoo_models.items()}
+
+
+@pytest.mark.parametrize("name", ["mlp", "cnn", *TRANSFORMERS])
+def test_empty_policy_is_bit_identical_in_eval_and_train(name, zoo_models, rewritten):
+    model, inputs = zoo_models[name]
+    gm = copy.deepcopy(rewritten[name])  # a private copy: this test switches modes and writes gradients
+    expected_strategy = "symbolic_trace" if name in ("mlp", "cnn") else "torch.export"
+    assert gm.meta["seedrand"].trace.strategy == expected_strategy
+    with torch.no_grad():
+        assert torch.equal(logits(gm.eval()(*inputs)), logits(model.eval()(*inputs)))
+    reference = copy.deepcopy(model).train()
+    gm.train()
+    torch.manual_seed(3)
+    out = logits(gm(*inputs))
+    torch.manual_seed(3)
+    assert torch.equal(out, logits(reference(*inputs)))  # same dropout masks, same BatchNorm batch statistics
+    out.square().mean().backward()
+    missing = [n for n, p in gm.named_parameters() if p.grad is None]
+    assert not missing, f"parameters without gradient: {missing[:5]}"
+
+
+def test_dynamic_batch_after_export(zoo_models, rewritten):
+    model, (x,) = zoo_models["vit"]
+    bigger = torch.cat([x, x, x])
+    with torch.no_grad():
+        assert torch.equal(logits(rewritten["vit"].eval()(bigger)), logits(model.eval()(bigger)))
+
+
+def test_batchnorm_running_stats_follow_train_and_eval(zoo_models):
+    model, inputs = zoo_models["resnet"]
+    gm = seedrand.rewrite(model, EMPTY, inputs)
+    reference = copy.deepcopy(model)
+    stats = "resnet.embedder.embedder.normalization"
+    for mode in (True, False, True):
+        gm.train(mode)
+        reference.train(mode)
+        with torch.no_grad():
+            assert torch.equal(logits(gm(*inputs)), logits(reference(*inputs)))
+        for buffer in ("running_mean", "running_var", "num_batches_tracked"):
+            assert torch.equal(gm.get_buffer(f"{stats}.{buffer}"), reference.get_buffer(f"{stats}.{buffer}"))
+    assert int(gm.get_buffer(f"{stats}.num_batches_tracked")) == 2
+
+
+def test_tied_weights_stay_tied(rewritten):
+    gm = rewritten["gpt2"]
+    assert gm.get_parameter("lm_head.weight") is gm.get_parameter("transformer.wte.weight")
+
+
+def test_original_untouched_after_success_and_rewrite_does_not_share_parameters(zoo_models):
+    model, inputs = zoo_models["cnn"]
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+    assert all(p.requires_grad for p in model.parameters())
+    assert not gm.get_parameter("conv1.weight").requires_grad
+    assert gm.get_parameter("conv1.weight") is not model.conv1.weight
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_original_untouched_after_failure_midway(zoo_models, monkeypatch):
+    model, inputs = zoo_models["cnn"]
+    before = copy.deepcopy(model.state_dict())
+
+    def breaking_pass(gm, target):
+        for p in gm.parameters():
+            p.data.zero_()
+            p.requires_grad_(False)
+        raise RuntimeError("pass failed midway")
+
+    monkeypatch.setitem(PASSES, "freeze", breaking_pass)
+    with pytest.raises(RuntimeError, match="midway"):
+        seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+    assert all(p.requires_grad for p in model.parameters())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_freeze_learn_only_layernorm_trains_only_layernorm(zoo_models):
+    model, inputs = zoo_models["gpt2"]
+    gm = seedrand.rewrite(model, "examples/policies/gpt2_learn_only_layernorm.yaml", inputs).train()
+    trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
+    assert trainable and all(".ln_" in n or n.startswith("transformer.ln_f") for n in trainable)
+    before = {n: p.detach().clone() for n, p in gm.named_parameters()}
+    optimizer = torch.optim.Adam([p for p in gm.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        logits(gm(*inputs)).square().mean().backward()
+        optimizer.step()
+    for n, p in gm.named_parameters():
+        assert (p.grad is not None) == (n in trainable)
+        assert torch.equal(p, before[n]) == (n not in trainable), n
+
+
+def test_summary_accounts_for_every_parameter(zoo_models):
+    model, inputs = zoo_models["cnn"]
+    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs)
+    report = seedrand.summary(gm)
+    total = sum(p.numel() for p in model.parameters())
+    conv = sum(p.numel() for m in (model.conv1, model.conv2) for p in m.parameters())
+    assert [r.module for r in report.rows] == ["conv1", "conv2"]
+    assert report.total.frozen == conv and report.total.trainable == total - conv
+    assert report.total.frozen_bytes == 4 * conv
+    assert report.unaccounted_trainable == total - conv
+    assert "conv2" in str(report) and report.to_dict()["total"]["frozen"] == conv
+
+
+class TrainingBranch(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        return self.fc(x) * 2 if self.training else self.fc(x)
+
+
+def test_graph_that_branches_on_training_is_locked_to_its_mode():
+    gm = seedrand.rewrite(TrainingBranch().train(), EMPTY, (torch.randn(2, 4),))
+    assert gm.meta["seedrand"].trace.locked_mode is True
+    gm(torch.randn(2, 4))
+    with pytest.raises(SeedrandError, match="captured in train mode"):
+        gm.eval()(torch.randn(2, 4))
+
+
+def test_unimplemented_action_is_a_clear_error(zoo_models):
+    model, inputs = zoo_models["mlp"]
+    policy = {"rules": [{"name": "sub", "match": {"types": ["Linear"]}, "subspace": {"dim": 8}}]}
+    with pytest.raises(PolicyError, match=r"rule 'sub' \(rules\[0\]\): action subspace is not implemented"):
+        seedrand.rewrite(model, policy, inputs)
+
+
+def test_untraceable_without_inputs_names_the_line_and_what_to_try(zoo_models):
+    model, _ = zoo_models["gpt2"]
+    with pytest.raises(TraceError) as info:
+        seedrand.rewrite(model, EMPTY)
+    assert "modeling_gpt2.py:" in str(info.value) and "pass example_inputs" in str(info.value)
+
+
+def test_rewrite_leaves_global_rng_alone(zoo_models):
+    model, inputs = zoo_models["bert"]
+    state = torch.get_rng_state()
+    seedrand.rewrite(model, EMPTY, inputs)
+    assert torch.equal(torch.get_rng_state(), state)
