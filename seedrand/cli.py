@@ -39,7 +39,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        Console().print(report)
+        Console(width=None if sys.stdout.isatty() else 160).print(report)  # pipes get whole names, unfolded
     return 0
 
 

@@ -1,0 +1,43 @@
+"""Throughput of the pure-torch Philox reference (values/s) next to torch.rand, on this machine's CPU.
+
+Run: python benchmarks/philox_throughput.py [--n 4194304] [--repeat 3]
+"""
+
+import argparse
+import time
+
+import torch
+
+from seedrand.kernels import philox
+
+
+def best_seconds(fn, repeat: int) -> float:
+    """Best wall time of ``repeat`` calls, seconds."""
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return min(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--n", type=int, default=1 << 22)
+    parser.add_argument("--repeat", type=int, default=3)
+    args = parser.parse_args()
+    offsets = torch.arange(args.n, dtype=torch.int64)
+    generator = torch.Generator().manual_seed(0)
+    rows = [
+        ("philox.rand (eager)", lambda: philox.rand(1234, offsets)),
+        ("philox.randn (eager)", lambda: philox.randn(1234, offsets)),
+        ("torch.rand", lambda: torch.rand(args.n, generator=generator)),
+        ("torch.randn", lambda: torch.randn(args.n, generator=generator)),
+    ]
+    print(f"{'generator':<24}{'G values/s':>12}   (n = {args.n:,}, {torch.get_num_threads()} threads)")
+    for name, fn in rows:
+        print(f"{name:<24}{args.n / best_seconds(fn, args.repeat) / 1e9:>12.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,77 @@
+"""The console script and the torch.compile backend, as a user reaches them: in fresh processes."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from seedrand import SeedrandError
+
+ENV = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+
+def run(*args, check=True):
+    result = subprocess.run([sys.executable, *args], capture_output=True, text=True, env=ENV, timeout=600)
+    if check and result.returncode != 0:
+        raise AssertionError(result.stderr)
+    return result
+
+
+def test_inspect_json_on_a_transformers_model():
+    out = run("-m", "seedrand.cli", "inspect", "examples/policies/resnet_one_block.yaml",
+              "--model", "seedrand.zoo:resnet", "--json").stdout
+    report = json.loads(out)
+    assert report["strategy"] == "torch.export"
+    frozen = {r["module"] for r in report["rows"] if r["counts"]["frozen"]}
+    assert "resnet.embedder.embedder.convolution" in frozen
+    assert not any(m.startswith("resnet.encoder.stages.1") for m in frozen)
+    assert report["total"]["trainable"] > 0 and report["total"]["frozen"] > 0
+
+
+def test_inspect_table_and_console_script():
+    out = subprocess.run(["seedrand", "inspect", "examples/policies/cnn_learn_only_batchnorm.yaml", "--model",
+                          "seedrand.zoo:cnn"], capture_output=True, text=True, env=ENV, check=True).stdout
+    assert "conv2" in out and "total" in out and "trainable" in out
+
+
+def test_inspect_bad_policy_exits_2_with_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("rules:\n  - match: {types: [Conv2D]}\n    freeze: {}\n")
+    result = run("-m", "seedrand.cli", "inspect", str(bad), "--model", "seedrand.zoo:cnn", check=False)
+    assert result.returncode == 2
+    assert f"{bad}:2:5" in result.stderr and "did you mean 'Conv2d'" in result.stderr
+
+
+def test_backend_is_found_by_entry_point_without_importing_seedrand():
+    code = (
+        "import sys, torch\n"
+        "m = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 4))\n"
+        "x = torch.randn(3, 8)\n"
+        "assert 'seedrand' not in sys.modules\n"
+        "c = torch.compile(m, backend='seedrand')\n"
+        "torch.testing.assert_close(c(x), m(x))\n"
+        "c(x).sum().backward()\n"
+        "assert all(p.grad is not None for p in m.parameters())\n"
+        "print('ok')\n"
+    )
+    assert run("-c", code).stdout.strip().endswith("ok")
+
+
+def test_backend_compiles_a_rewritten_model(zoo_models):
+    import seedrand
+
+    model, inputs = zoo_models["cnn"]
+    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs)
+    compiled = torch.compile(gm, backend="seedrand")
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(*inputs), gm(*inputs))
+
+
+def test_backend_refuses_unknown_options():
+    from seedrand.backend import seedrand_backend
+
+    with pytest.raises(SeedrandError, match="does not support options"):
+        seedrand_backend(None, [], options={"policy": "p.yaml"})
