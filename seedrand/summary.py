@@ -29,6 +29,7 @@ class Counts:
     regenerated_bytes: int = 0  # what storing them would take; seedrand stores only seeds
 
     def add(self, kind: str, numel: int, nbytes: int) -> None:
+        """Add ``numel`` elements and ``nbytes`` bytes to ``kind`` (``trainable``/``frozen``/``regenerated``)."""
         setattr(self, kind, getattr(self, kind) + numel)
         setattr(self, f"{kind}_bytes", getattr(self, f"{kind}_bytes") + nbytes)
 

@@ -89,29 +89,28 @@ def _select(rule: Rule, modules: dict[str, nn.Module], policy: Policy) -> list[s
     names = list(modules)
     m = rule.match
 
-    def name_filter(patterns: list[str], kind: str) -> set[str]:
+    def union(entries: list[str], kind: str, predicate_of) -> set[str]:
         chosen: set[str] = set()
-        for p in patterns:
-            hits = {n for n in names if _name_matches(p, n)}
-            _check_nonempty(kind, p, len(hits), names, policy, rule)
+        for entry in entries:
+            predicate = predicate_of(entry)
+            hits = {n for n, mod in modules.items() if predicate(n, mod)}
+            _check_nonempty(kind, entry, len(hits), names, policy, rule)
             chosen |= hits
         return chosen
 
-    def type_filter(entries: list[str], kind: str) -> set[str]:
-        chosen: set[str] = set()
-        for t in entries:
-            pred = _resolve_type(t, modules, policy, rule)
-            hits = {n for n, mod in modules.items() if pred(type(mod))}
-            _check_nonempty(kind, t, len(hits), names, policy, rule)
-            chosen |= hits
-        return chosen
+    def by_name(pattern: str):
+        return lambda name, _: _name_matches(pattern, name)
+
+    def by_type(entry: str):
+        is_type = _resolve_type(entry, modules, policy, rule)
+        return lambda _, module: is_type(type(module))
 
     selected = set(names)
     if m.modules:
-        selected &= name_filter(m.modules, "modules")
+        selected &= union(m.modules, "modules", by_name)
     if m.types:
-        selected &= type_filter(m.types, "types")
-    selected -= name_filter(m.exclude, "exclude") | type_filter(m.exclude_types, "exclude_types")
+        selected &= union(m.types, "types", by_type)
+    selected -= union(m.exclude, "exclude", by_name) | union(m.exclude_types, "exclude_types", by_type)
     if not selected and not rule.optional:
         raise policy.error("selects no module: its modules and types match, but never the same module "
                            "(or exclude removes them all); set optional: true to allow", rule)
