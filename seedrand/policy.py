@@ -17,21 +17,15 @@ import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
 from .errors import PolicyError
+from .kernels.init import parse_init
 
 __all__ = [
     "Policy", "Rule", "Match", "Freeze", "FreezeFraction", "Random", "InsertRandom", "FilterGates", "Subspace",
     "ACTIONS", "load_policy",
 ]
 
-_INIT_RE = re.compile(
-    r"^(kaiming_uniform|kaiming_normal|xavier_uniform|xavier_normal)$|^(normal|uniform)\((\d+(\.\d*)?([eE][-+]?\d+)?|\.\d+([eE][-+]?\d+)?)\)$"
-)
-INIT_NAMES = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal", "normal(std)", "uniform(a)")
-
-
 def _check_init(value: str) -> str:
-    if not _INIT_RE.match(value):
-        raise ValueError(f"unknown init {value!r}; expected one of {', '.join(INIT_NAMES)} (std, a: positive numbers)")
+    parse_init(value)  # raises ValueError naming the allowed inits
     return value
 
 
