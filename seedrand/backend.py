@@ -1,44 +1,100 @@
 """The ``seedrand`` torch.compile backend, registered through the ``torch_dynamo_backends`` entry-point group (see
 pyproject.toml), so ``torch.compile(model, backend="seedrand")`` works without importing seedrand first.
 
-This version hands the captured graph to Inductor unchanged: models rewritten by :func:`seedrand.rewrite` compile
-as they are. Substituting fused regenerate-and-matmul kernels, and applying a policy to the captured graph
-(``options={"policy": ...}``), come with the kernels work and are refused with a clear error until then.
+Models rewritten by :func:`seedrand.rewrite` compile as they are. ``options={"policy": <Policy | path | dict>}``
+applies a policy to the captured graph instead (for quick experiments on models that were not rewritten): module
+names and classes come from each op's ``nn_module_stack``, parameters from Dynamo's placeholder sources
+(``L['self']._modules['fc1']._parameters['weight']`` is ``fc1.weight``); the user's module is never changed. Only
+actions with a captured-graph pass (``freeze``) are accepted. The graph then goes to Inductor (forward and backward
+through AOTAutograd). Fused regenerate-and-matmul kernels come with the kernels work.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Optional
 
 import torch
+import torch.fx as fx
 
 from .errors import SeedrandError
 
 __all__ = ["seedrand_backend"]
 
-_SUPPORTED_OPTIONS: frozenset[str] = frozenset()
+_SUPPORTED_OPTIONS = frozenset({"policy"})
+_SOURCE_PART = re.compile(r"\._(modules|parameters)\['([^']+)'\]")
+_STACK_INDEX = re.compile(r"\[(\d+)\]")
 
 
-def seedrand_backend(gm: torch.fx.GraphModule, example_inputs: list, *, options: Optional[dict[str, Any]] = None,
+def _qualname(stack_path: str) -> str:
+    """``"L['self'].blocks[0].fc"`` -> ``"blocks.0.fc"``."""
+    path = stack_path.removeprefix("L['self']").lstrip(".")
+    return _STACK_INDEX.sub(r".\1", path).lstrip(".")
+
+
+def _captured_modules(gm: fx.GraphModule) -> dict[str, type]:
+    modules: dict[str, type] = {}
+    for node in gm.graph.nodes:
+        for path, cls in (node.meta.get("nn_module_stack") or {}).values():
+            if isinstance(cls, type):
+                modules.setdefault(_qualname(path), cls)
+    return modules
+
+
+def _captured_parameters(gm: fx.GraphModule, example_inputs: list) -> dict[str, fx.Node]:
+    placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
+    found = {}
+    for node, value in zip(placeholders, example_inputs):
+        source = getattr(node.meta.get("grapharg"), "source", None)
+        name = source.name if source is not None else ""
+        parts = _SOURCE_PART.findall(name)
+        if name.startswith("L['self']") and parts and parts[-1][0] == "parameters" and isinstance(
+                value, torch.nn.Parameter):
+            found[".".join(p for _, p in parts)] = node
+    return found
+
+
+def _apply_policy(gm: fx.GraphModule, example_inputs: list, policy: Any) -> fx.GraphModule:
+    from .passes import CAPTURED_PASSES
+    from .rewriter import as_policy, resolve
+
+    policy = as_policy(policy)
+    for rule in policy.rules:
+        if rule.action not in CAPTURED_PASSES:
+            raise policy.error(f"action {rule.action} cannot be applied by the torch.compile backend yet "
+                               f"(supported: {', '.join(CAPTURED_PASSES)}); use seedrand.rewrite first", rule)
+    parameters = _captured_parameters(gm, example_inputs)
+    for target in resolve(policy, _captured_modules(gm)):
+        CAPTURED_PASSES[target.rule.action](gm, target, parameters)
+    gm.graph.lint()
+    gm.recompile()
+    return gm
+
+
+def seedrand_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optional[dict[str, Any]] = None,
                      mode: Optional[str] = None):
-    """Compile a Dynamo-captured graph.
+    """Compile a Dynamo-captured graph, applying ``options["policy"]`` first when given.
 
     Args:
         gm: the FX graph Dynamo captured (parameters lifted to placeholders).
         example_inputs: the real tensors (and Parameters) for ``gm``'s placeholders.
-        options: ``torch.compile(..., options=...)``; none are supported yet.
-        mode: ``torch.compile(..., mode=...)``, forwarded to Inductor's mode options.
+        options: ``torch.compile(..., options=...)``: ``{"policy": Policy | path | dict}`` or nothing.
+        mode: ``torch.compile(..., mode=...)``, forwarded as Inductor's mode options.
 
     Returns:
         The compiled callable from ``torch._inductor.compile_fx.compile_fx``.
 
     Raises:
-        SeedrandError: an unsupported option was given.
+        SeedrandError: an unsupported option; PolicyError: the policy is malformed, does not fit the captured
+            graph (strict matching applies to what Dynamo captured), or names an action the backend cannot apply.
     """
-    unknown = sorted(set(options or {}) - _SUPPORTED_OPTIONS)
+    options = dict(options or {})
+    unknown = sorted(set(options) - _SUPPORTED_OPTIONS)
     if unknown:
-        raise SeedrandError(f"the seedrand backend does not support options {unknown} yet; rewrite the model with "
-                            "seedrand.rewrite(model, policy) and compile it with no options")
+        raise SeedrandError(f"the seedrand backend does not support options {unknown} "
+                            f"(supported: {sorted(_SUPPORTED_OPTIONS)})")
+    if options.get("policy") is not None:
+        gm = _apply_policy(gm, example_inputs, options["policy"])
     from torch._inductor.compile_fx import compile_fx
 
     config_patches = torch._inductor.list_mode_options(mode) if mode else None

@@ -1,5 +1,6 @@
 """The console script and the torch.compile backend, as a user reaches them: in fresh processes."""
 
+import copy
 import json
 import os
 import subprocess
@@ -7,6 +8,8 @@ import sys
 
 import pytest
 import torch
+
+from conftest import logits
 
 from seedrand import SeedrandError
 
@@ -74,4 +77,32 @@ def test_backend_refuses_unknown_options():
     from seedrand.backend import seedrand_backend
 
     with pytest.raises(SeedrandError, match="does not support options"):
-        seedrand_backend(None, [], options={"policy": "p.yaml"})
+        seedrand_backend(None, [], options={"inductor_please": True})
+
+
+@pytest.mark.parametrize("name,policy,frozen_prefixes", [
+    ("cnn", "examples/policies/cnn_learn_only_batchnorm.yaml", ("conv1.", "conv2.")),
+    ("gpt2", "examples/policies/gpt2_learn_only_layernorm.yaml", ("transformer.wte", "transformer.h.0.attn.c_attn",
+                                                                  "transformer.h.1.mlp.c_proj")),
+])
+def test_backend_applies_a_policy_without_changing_the_model(zoo_models, name, policy, frozen_prefixes):
+    model, inputs = zoo_models[name]
+    model = copy.deepcopy(model)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="seedrand", options={"policy": policy})
+    with torch.no_grad():
+        torch.testing.assert_close(logits(compiled(*inputs)), logits(model(*inputs)))
+    logits(compiled(*inputs)).square().mean().backward()
+    grads = {n: p.grad is not None for n, p in model.named_parameters()}
+    frozen = {n for n in grads if n.startswith(frozen_prefixes)}
+    assert frozen and not any(grads[n] for n in frozen)
+    assert any(grads.values())
+    assert all(p.requires_grad for p in model.parameters())
+
+
+def test_backend_policy_errors_are_strict(zoo_models):
+    model, inputs = zoo_models["cnn"]
+    torch._dynamo.reset()
+    policy = {"rules": [{"name": "typo", "match": {"modules": ["conv_1"]}, "freeze": {}}]}
+    with pytest.raises(Exception, match=r"rule 'typo' \(rules\[0\]\).*did you mean 'conv1'"):
+        torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)

@@ -8,10 +8,16 @@ from typing import Callable
 import torch.fx as fx
 
 from ..rewriter.match import Target
-from .freeze import freeze
+from .freeze import freeze, freeze_captured
 
-__all__ = ["PASSES"]
+__all__ = ["PASSES", "CAPTURED_PASSES"]
 
 PASSES: dict[str, Callable[[fx.GraphModule, Target], None]] = {
     "freeze": freeze,
+}
+
+# The same actions on graphs Dynamo captured for the ``seedrand`` backend: ``fn(gm, target, parameters)`` where
+# ``parameters`` maps fully qualified parameter names to their placeholder nodes.
+CAPTURED_PASSES: dict[str, Callable[[fx.GraphModule, Target, dict[str, fx.Node]], None]] = {
+    "freeze": freeze_captured,
 }

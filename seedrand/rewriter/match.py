@@ -19,6 +19,7 @@ import difflib
 import importlib
 import re
 from dataclasses import dataclass
+from typing import Mapping, Union
 
 import torch.nn as nn
 
@@ -54,7 +55,7 @@ def _name_matches(pattern: str, name: str) -> bool:
     return re.fullmatch(pattern[3:], name) is not None if pattern.startswith("re:") else pattern == name
 
 
-def _resolve_type(entry: str, modules: dict[str, nn.Module], policy: Policy, rule: Rule):
+def _resolve_type(entry: str, modules: dict[str, type], policy: Policy, rule: Rule):
     """A predicate on classes for one ``types`` entry: a dotted path, or a class name along the hierarchy."""
     if "." in entry:
         mod_name, _, attr = entry.rpartition(".")
@@ -65,7 +66,7 @@ def _resolve_type(entry: str, modules: dict[str, nn.Module], policy: Policy, rul
         if not isinstance(cls, type):
             raise policy.error(f"type {entry!r} is not a class", rule)
         return lambda c: issubclass(c, cls)
-    known = {c.__name__ for m in modules.values() for c in type(m).__mro__}
+    known = {c.__name__ for cls in modules.values() for c in cls.__mro__}
     known |= {n for n, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)}
     if entry not in known:
         close = difflib.get_close_matches(entry, sorted(known), n=1, cutoff=0.6)
@@ -85,7 +86,7 @@ def _check_nonempty(kind: str, entry: str, hits: int, names: list[str], policy: 
                        rule)
 
 
-def _select(rule: Rule, modules: dict[str, nn.Module], policy: Policy) -> list[str]:
+def _select(rule: Rule, modules: dict[str, type], policy: Policy) -> list[str]:
     names = list(modules)
     m = rule.match
 
@@ -103,7 +104,7 @@ def _select(rule: Rule, modules: dict[str, nn.Module], policy: Policy) -> list[s
 
     def by_type(entry: str):
         is_type = _resolve_type(entry, modules, policy, rule)
-        return lambda _, module: is_type(type(module))
+        return lambda _, cls: is_type(cls)
 
     selected = set(names)
     if m.modules:
@@ -117,12 +118,13 @@ def _select(rule: Rule, modules: dict[str, nn.Module], policy: Policy) -> list[s
     return [n for n in names if n in selected]
 
 
-def resolve(policy: Policy, model: nn.Module) -> list[Target]:
+def resolve(policy: Policy, model: Union[nn.Module, Mapping[str, type]]) -> list[Target]:
     """Every (module, rule) pair the policy selects in ``model``, rules in file order, modules in model order.
 
     Args:
         policy: a validated :class:`~seedrand.policy.Policy`.
-        model: the module the names refer to (``model.named_modules()``; ``""`` is the root).
+        model: the module the names refer to (``model.named_modules()``; ``""`` is the root), or a mapping of
+            qualified names to module classes (for graphs whose modules are gone, as in a Dynamo capture).
 
     Returns:
         A list of :class:`Target`.
@@ -131,7 +133,8 @@ def resolve(policy: Policy, model: nn.Module) -> list[Target]:
         PolicyError: a pattern, type or rule matches nothing (and the rule is not optional), a type is unknown, or
             two incompatible actions land on one module; the message names the rule(s) and YAML line.
     """
-    modules = dict(model.named_modules(remove_duplicate=False))
+    modules = ({n: type(m) for n, m in model.named_modules(remove_duplicate=False)}
+               if isinstance(model, nn.Module) else dict(model))
     targets: list[Target] = []
     owner: dict[tuple[str, str], Rule] = {}
     for rule in policy.rules:
@@ -144,5 +147,5 @@ def resolve(policy: Policy, model: nn.Module) -> list[Target]:
                         f"{other.label}" + (f" (line {other._line})" if other._line else "")
                         + "; one module can take only one of them", rule)
             owner[(name, rule.action)] = rule
-            targets.append(Target(name, type(modules[name]), rule, policy.seed))
+            targets.append(Target(name, modules[name], rule, policy.seed))
     return targets
