@@ -159,3 +159,22 @@ def test_rewrite_leaves_global_rng_alone(zoo_models):
     state = torch.get_rng_state()
     seedrand.rewrite(model, EMPTY, inputs)
     assert torch.equal(torch.get_rng_state(), state)
+
+
+class DataDependent(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if self.fc(x).sum() > 0:  # a branch on tensor values: neither strategy can capture it
+            return x
+        return -x
+
+
+def test_untraceable_model_reports_both_strategies_and_the_line():
+    with pytest.raises(TraceError) as info:
+        seedrand.rewrite(DataDependent(), EMPTY, (torch.randn(2, 4),))
+    message = str(info.value)
+    assert "symbolic tracing failed" in message and "torch.export failed" in message
+    assert "test_rewrite.py:" in message and "torch.cond" in message

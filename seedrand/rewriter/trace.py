@@ -255,11 +255,13 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
     try:
         gm, info = _symbolic(model, leaves, example_inputs)
     except Exception as e:  # noqa: BLE001 - any failure of symbolic tracing means: try export
-        symbolic_error = _user_frame(e, model)
-    else:
-        if info.locked_mode is not None:
-            gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
-        return gm, info
+        gm, info = _export_fallback(model, example_inputs, _user_frame(e, model))
+    if info.locked_mode is not None:
+        gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
+    return gm, info
+
+
+def _export_fallback(model: nn.Module, example_inputs, symbolic_error: str) -> tuple[fx.GraphModule, TraceInfo]:
     if example_inputs is None:
         raise TraceError(f"torch.fx symbolic tracing failed ({symbolic_error}); pass example_inputs so seedrand can "
                          "trace with torch.export instead")
@@ -269,9 +271,7 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
         raise
     except Exception as e:  # noqa: BLE001 - report both strategies' failures together
         raise TraceError(f"cannot trace {type(model).__name__}: torch.fx symbolic tracing failed ({symbolic_error}); "
-                         f"torch.export failed ({_user_frame(e, model)}). Try: make data-dependent branches use torch.cond, "
-                         "or give example inputs whose shapes match real use") from e
+                         f"torch.export failed ({_user_frame(e, model)}). Try: make data-dependent branches use "
+                         "torch.cond, or give example inputs whose shapes match real use") from e
     info.symbolic_error = symbolic_error
-    if info.locked_mode is not None:
-        gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
     return gm, info
