@@ -1,0 +1,87 @@
+"""Custom ops that multiply by a weight regenerated from its Philox key, never stored (paper 000, appendix 7.1).
+
+``seedrand::regen_matmul(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes)`` computes
+``x @ W.T`` (``transpose=False``; ``x[..., in_features]`` -> ``[..., out_features]``) or ``x @ W``
+(``transpose=True``; ``[..., out_features]`` -> ``[..., in_features]``) for the ``(out_features, in_features)``
+weight ``W = seedrand.kernels.init.regenerate(...)`` with the given distribution: ``U(-scale, scale)`` or, with
+``normal``, ``N(0, scale**2)``. ``W`` is produced in blocks of rows of at most ``chunk_bytes`` (float32) and dropped
+after each block, so memory is bounded by the chunk, not by the weight. Its gradient with respect to ``x`` is the same
+op with ``transpose`` flipped: backward regenerates ``W`` instead of saving it, and autograd saves no tensor. It has
+a fake (meta) kernel, so it works under ``torch.compile`` and ``torch.export``.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .init import regenerate
+
+__all__ = ["regen_matmul", "DEFAULT_CHUNK_BYTES"]
+
+DEFAULT_CHUNK_BYTES = 4 * 2**20  # 4 MiB of float32 weight per block
+
+
+def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
+    return max(1, chunk_bytes // (4 * in_features))
+
+
+def _weight_rows(seed: int, rows: range, in_features: int, scale: float, normal: bool, dtype, device) -> torch.Tensor:
+    init = f"normal({scale!r})" if normal else f"uniform({scale!r})"
+    return regenerate(seed, (len(rows), in_features), init, 1, 1, dtype, device, start=rows.start * in_features)
+
+
+@torch.library.custom_op("seedrand::regen_matmul", mutates_args=())
+def regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_features: int, scale: float, normal: bool,
+                 transpose: bool, chunk_bytes: int) -> torch.Tensor:
+    """``x @ W.T`` (or ``x @ W`` with ``transpose``) for a regenerated ``(out_features, in_features)`` weight.
+
+    Args:
+        x: ``(..., in_features)`` (or ``(..., out_features)`` with ``transpose``), float32/float16/bfloat16/float64.
+        seed: the weight's Philox key, in ``[0, 2**63)``.
+        out_features, in_features: the weight's shape.
+        scale: uniform bound, or normal standard deviation (must be positive).
+        normal: normal instead of uniform.
+        transpose: multiply by ``W`` instead of ``W.T``.
+        chunk_bytes: bytes of float32 weight regenerated at a time (at least one row).
+
+    Returns:
+        ``(..., out_features)`` (or ``(..., in_features)``), dtype and device of ``x``.
+
+    Raises:
+        ValueError: ``x``'s last dimension does not fit the weight.
+    """
+    k = out_features if transpose else in_features
+    if x.shape[-1] != k:
+        raise ValueError(f"regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
+    step = _rows_per_chunk(in_features, chunk_bytes)
+    if transpose:
+        out = x.new_zeros(*x.shape[:-1], in_features)
+        for r in range(0, out_features, step):
+            rows = range(r, min(r + step, out_features))
+            w = _weight_rows(seed, rows, in_features, scale, normal, x.dtype, x.device)
+            out += x[..., rows.start:rows.stop] @ w
+        return out
+    blocks = [x @ _weight_rows(seed, range(r, min(r + step, out_features)), in_features, scale, normal, x.dtype,
+                               x.device).T
+              for r in range(0, out_features, step)]
+    return torch.cat(blocks, dim=-1)
+
+
+@regen_matmul.register_fake
+def _(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes):
+    return x.new_empty(*x.shape[:-1], in_features if transpose else out_features)
+
+
+def _setup_context(ctx, inputs, output):
+    _, ctx.seed, ctx.out_features, ctx.in_features, ctx.scale, ctx.normal, ctx.transpose, ctx.chunk_bytes = inputs
+
+
+def _backward(ctx, grad):
+    grad_x = regen_matmul(grad.contiguous(), ctx.seed, ctx.out_features, ctx.in_features, ctx.scale, ctx.normal,
+                          not ctx.transpose, ctx.chunk_bytes)
+    return grad_x, None, None, None, None, None, None, None
+
+
+regen_matmul.register_autograd(_backward, setup_context=_setup_context)

@@ -1,0 +1,78 @@
+"""seedrand::regen_matmul: equals a matmul by the materialized regenerated weight, chunk size does not matter,
+gradients are right (gradcheck, float64), nothing is saved for backward, and it compiles and exports."""
+
+import pytest
+import torch
+
+from seedrand.kernels.init import regenerate
+from seedrand.kernels.ops import regen_matmul
+
+SEED = 987654321
+
+
+def weight(out_f, in_f, scale, normal, dtype=torch.float32):
+    return regenerate(SEED, (out_f, in_f), f"normal({scale})" if normal else f"uniform({scale})", 1, 1, dtype)
+
+
+@pytest.mark.parametrize("shape,out_f,in_f", [((5, 7), 3, 7), ((2, 3, 33), 17, 33), ((1, 64), 129, 64)])
+@pytest.mark.parametrize("normal", [False, True])
+@pytest.mark.parametrize("chunk_bytes", [4, 4 * 33 * 5, 2**22])
+def test_matches_materialized_weight(shape, out_f, in_f, normal, chunk_bytes):
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1))
+    w = weight(out_f, in_f, 0.25, normal)
+    got = regen_matmul(x, SEED, out_f, in_f, 0.25, normal, False, chunk_bytes)
+    torch.testing.assert_close(got, x @ w.T, rtol=1e-5, atol=1e-6)
+    g = torch.randn(*shape[:-1], out_f, generator=torch.Generator().manual_seed(2))
+    torch.testing.assert_close(regen_matmul(g, SEED, out_f, in_f, 0.25, normal, True, chunk_bytes), g @ w,
+                               rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_inputs(dtype):
+    x = torch.randn(4, 40, generator=torch.Generator().manual_seed(3)).to(dtype)
+    got = regen_matmul(x, SEED, 24, 40, 0.1, False, False, 1024)
+    assert got.dtype == dtype
+    torch.testing.assert_close(got.float(), (x.float() @ weight(24, 40, 0.1, False, dtype).float().T),
+                               rtol=2e-2, atol=2e-2)
+
+
+def test_gradcheck_float64():
+    x = torch.randn(3, 6, dtype=torch.float64, requires_grad=True, generator=torch.Generator().manual_seed(4))
+    assert torch.autograd.gradcheck(lambda t: regen_matmul(t, SEED, 5, 6, 0.3, True, False, 48), (x,))
+    y = torch.randn(3, 5, dtype=torch.float64, requires_grad=True, generator=torch.Generator().manual_seed(5))
+    assert torch.autograd.gradcheck(lambda t: regen_matmul(t, SEED, 5, 6, 0.3, True, True, 48), (y,))
+
+
+def test_backward_saves_no_tensor():
+    x = torch.randn(8, 256, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        out = regen_matmul(x, SEED, 512, 256, 0.05, False, False, 2**16)
+    out.sum().backward()
+    assert saved == []
+    torch.testing.assert_close(x.grad, torch.ones(8, 512) @ weight(512, 256, 0.05, False), rtol=1e-5, atol=1e-5)
+
+
+def test_opcheck():
+    x = torch.randn(3, 10, requires_grad=True)
+    torch.library.opcheck(torch.ops.seedrand.regen_matmul.default, (x, SEED, 7, 10, 0.2, False, False, 80))
+
+
+def test_compile_and_export():
+    class M(torch.nn.Module):
+        def forward(self, x):
+            return regen_matmul(x, SEED, 9, 12, 0.2, False, False, 96)
+
+    x = torch.randn(4, 12)
+    eager = M()(x)
+    torch.testing.assert_close(torch.compile(M(), backend="aot_eager")(x), eager)
+    batch = torch.export.Dim("batch")
+    ep = torch.export.export(M(), (x,), dynamic_shapes=({0: batch},))
+    calls = [n for n in ep.graph.nodes if n.target == torch.ops.seedrand.regen_matmul.default]
+    assert len(calls) == 1
+    torch.testing.assert_close(ep.module()(torch.cat([x, x])), torch.cat([eager, eager]))
+
+
+def test_wrong_input_width():
+    with pytest.raises(ValueError, match="last dimension 5"):
+        regen_matmul(torch.randn(2, 5), SEED, 3, 4, 0.1, False, False, 64)
