@@ -9,11 +9,13 @@ import torch.fx as fx
 
 from ..rewriter.match import Target
 from .freeze import freeze, freeze_captured
+from .random import random
 
 __all__ = ["PASSES", "CAPTURED_PASSES"]
 
 PASSES: dict[str, Callable[[fx.GraphModule, Target], None]] = {
     "freeze": freeze,
+    "random": random,
 }
 
 # The same actions on graphs Dynamo captured for the ``seedrand`` backend: ``fn(gm, target, parameters)`` where

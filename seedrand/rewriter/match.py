@@ -42,13 +42,23 @@ class Target:
         qualname: the module's qualified name in the model (``""`` for the root).
         cls: the module's class (``type(module)`` before tracing).
         rule: the policy rule that selected it.
-        seed: the policy's global seed (derive per-tensor Philox keys with ``kernels.philox.derive_seed``).
+        policy: the policy it comes from (its ``seed``; ``policy.error(message, rule)`` for located errors).
     """
 
     qualname: str
     cls: type
     rule: Rule
-    seed: int
+    policy: Policy
+
+    @property
+    def seed(self) -> int:
+        """The policy's global seed (derive per-tensor Philox keys with ``kernels.philox.derive_seed``)."""
+        return self.policy.seed
+
+    def error(self, message: str) -> Exception:
+        """A ``PolicyError`` naming this module, the rule and its YAML line."""
+        shown = repr(self.qualname) if self.qualname else "the root module"
+        return self.policy.error(f"{shown} ({self.cls.__name__}): {message}", self.rule)
 
 
 def _name_matches(pattern: str, name: str) -> bool:
@@ -147,5 +157,5 @@ def resolve(policy: Policy, model: Union[nn.Module, Mapping[str, type]]) -> list
                         f"{other.label}" + (f" (line {other._line})" if other._line else "")
                         + "; one module can take only one of them", rule)
             owner[(name, rule.action)] = rule
-            targets.append(Target(name, modules[name], rule, policy.seed))
+            targets.append(Target(name, modules[name], rule, policy))
     return targets

@@ -1,0 +1,123 @@
+"""The `random` action on nn.Linear (symbolic trace) and transformers Conv1D / Linear (export graphs)."""
+
+import copy
+import math
+
+import pytest
+import torch
+from conftest import logits
+
+import seedrand
+from seedrand import PolicyError
+from seedrand.kernels import philox
+from seedrand.passes.random import RandomLinear
+
+
+def policy(types, bias="trainable", exclude=(), seed=7, init="kaiming_uniform"):
+    return {"seed": seed, "rules": [{"name": "rnd", "match": {"types": types, "exclude": list(exclude)},
+                                     "random": {"bias": bias, "init": init}}]}
+
+
+def randomized(gm):
+    return {n: m for n, m in gm.named_modules() if isinstance(m, RandomLinear)}
+
+
+def materialized_reference(model, gm, conv1d=False):
+    """The original model with each regenerated weight written in as a stored weight."""
+    ref = copy.deepcopy(model)
+    for name, module in randomized(gm).items():
+        layer = ref.get_submodule(name)
+        w = module.weight()
+        layer.weight.data = w.T.contiguous() if conv1d else w
+        if module.bias is not None:
+            layer.bias.data = module.bias.detach().clone()
+    return ref
+
+
+@pytest.mark.parametrize("name,types,exclude,conv1d", [
+    ("mlp", ["Linear"], (), False),
+    ("bert", ["Linear"], ("classifier",), False),
+    ("gpt2", ["Conv1D"], (), True),
+])
+def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, types, exclude, conv1d):
+    model, inputs = zoo_models[name]
+    gm = seedrand.rewrite(model, policy(types, exclude=exclude), inputs)
+    layers = randomized(gm)
+    assert layers and all(f"{n}.weight" not in dict(gm.named_parameters()) for n in layers)
+    assert not any(k.startswith(tuple(f"{n}.weight" for n in layers)) for k in gm.state_dict())
+    ref = materialized_reference(model, gm, conv1d)
+    with torch.no_grad():
+        torch.testing.assert_close(logits(gm(*inputs)), logits(ref(*inputs)), rtol=1e-5, atol=1e-5)
+    gm.train()
+    logits(gm(*inputs)).square().mean().backward()
+    assert all(m.bias.grad is not None for m in layers.values())
+    assert seedrand.summary(gm).total.regenerated == sum(m.in_features * m.out_features for m in layers.values())
+
+
+def test_weights_are_scaled_philox_bit_for_bit_with_linear_default_bounds(zoo_models):
+    model, inputs = zoo_models["mlp"]
+    gm = seedrand.rewrite(model, policy(["Linear"]), inputs)
+    for name, m in randomized(gm).items():
+        assert m.seed == philox.derive_seed(7, name, "weight")
+        bound = 1 / math.sqrt(m.in_features)  # nn.Linear's default kaiming_uniform(a=sqrt(5)) bound
+        u = philox.rand(m.seed, torch.arange(m.in_features * m.out_features))
+        assert torch.equal(m.weight(), ((2.0 * u - 1.0) * bound).reshape(m.out_features, m.in_features))
+
+
+def test_frozen_weights_do_not_change_while_biases_train(zoo_models):
+    model, inputs = zoo_models["mlp"]
+    gm = seedrand.rewrite(model, policy(["Linear"]), inputs).train()
+    before = {n: m.weight().clone() for n, m in randomized(gm).items()}
+    biases = {n: m.bias.detach().clone() for n, m in randomized(gm).items()}
+    opt = torch.optim.Adam(gm.parameters(), lr=0.1)
+    for _ in range(3):
+        opt.zero_grad()
+        gm(*inputs).square().mean().backward()
+        opt.step()
+    for n, m in randomized(gm).items():
+        assert torch.equal(m.weight(), before[n]) and not torch.equal(m.bias, biases[n])
+
+
+@pytest.mark.parametrize("bias,trainable,regenerated", [("keep", 0, 0), ("zero", 0, 0), ("random", 0, 1),
+                                                        ("trainable", 1, 0)])
+def test_bias_modes(zoo_models, bias, trainable, regenerated):
+    model, inputs = zoo_models["mlp"]
+    gm = seedrand.rewrite(model, policy(["Linear"], bias=bias), inputs)
+    fc = randomized(gm)["0"]
+    assert sum(p.numel() for p in gm.parameters() if p.requires_grad) == trainable * (128 + 128 + 10)
+    assert ("bias" in fc.seedrand_regenerated()) == bool(regenerated)
+    x = torch.zeros(1, 64)
+    expected = {"keep": model[0].bias, "zero": torch.zeros(128), "trainable": model[0].bias}.get(bias)
+    if expected is not None:
+        torch.testing.assert_close(fc(x)[0], expected.detach())
+    else:
+        assert fc(x).abs().max() <= 1 / 8 and fc(x).abs().max() > 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_models(zoo_models, dtype):
+    model, (x,) = zoo_models["mlp"]
+    gm = seedrand.rewrite(copy.deepcopy(model).to(dtype), policy(["Linear"]), (x.to(dtype),))
+    out = gm(x.to(dtype))
+    assert out.dtype == dtype and torch.isfinite(out).all()
+
+
+def test_seed_determines_weights(zoo_models):
+    model, inputs = zoo_models["mlp"]
+    a, b, c = (seedrand.rewrite(model, policy(["Linear"], seed=s), inputs)(*inputs) for s in (1, 1, 2))
+    assert torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
+    model, inputs = zoo_models["cnn"]
+    path = tmp_path / "p.yaml"
+    path.write_text("rules:\n  - name: rnd\n    match: {types: [Conv2d]}\n    random: {}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'rnd' \(rules\[0\]\): 'conv1' \(Conv2d\): random "
+                                          r"supports nn.Linear"):
+        seedrand.rewrite(model, path, inputs)
+
+
+def test_tied_weight_is_refused(zoo_models):
+    model, inputs = zoo_models["gpt2"]
+    with pytest.raises(PolicyError, match="'lm_head' .*also read by"):
+        seedrand.rewrite(model, policy(["Linear"]), inputs)
