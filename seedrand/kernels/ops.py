@@ -20,7 +20,9 @@ from .init import regenerate
 
 __all__ = ["regen_matmul", "DEFAULT_CHUNK_BYTES"]
 
-DEFAULT_CHUNK_BYTES = 4 * 2**20  # 4 MiB of float32 weight per block
+# 256 KiB of float32 weight per block; the torch Philox path holds about 16 int64 temporaries per element while it
+# generates a block, so its transient memory is about 32 x this
+DEFAULT_CHUNK_BYTES = 2**18
 
 
 def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
