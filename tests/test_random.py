@@ -1,4 +1,5 @@
-"""The `random` action on nn.Linear (symbolic trace) and transformers Conv1D / Linear (export graphs)."""
+"""The `random` action on nn.Linear / Conv2d (symbolic trace) and transformers Linear, Conv1D and (depthwise)
+Conv2d layers (export graphs)."""
 
 import copy
 import math
@@ -10,7 +11,7 @@ from conftest import logits
 import seedrand
 from seedrand import PolicyError
 from seedrand.kernels import philox
-from seedrand.passes.random import RandomLinear
+from seedrand.passes.random import RandomConv, RandomLinear
 
 
 def policy(types, bias="trainable", exclude=(), seed=7, init="kaiming_uniform"):
@@ -19,7 +20,7 @@ def policy(types, bias="trainable", exclude=(), seed=7, init="kaiming_uniform"):
 
 
 def randomized(gm):
-    return {n: m for n, m in gm.named_modules() if isinstance(m, RandomLinear)}
+    return {n: m for n, m in gm.named_modules() if isinstance(m, (RandomLinear, RandomConv))}
 
 
 def materialized_reference(model, gm, conv1d=False):
@@ -36,6 +37,10 @@ def materialized_reference(model, gm, conv1d=False):
 
 @pytest.mark.parametrize("name,types,exclude,conv1d", [
     ("mlp", ["Linear"], (), False),
+    ("cnn", ["Conv2d"], (), False),
+    ("resnet", ["Conv2d"], (), False),
+    ("mobilenet_v2", ["Conv2d"], (), False),
+    ("vit", ["Conv2d", "Linear"], ("classifier",), False),
     ("bert", ["Linear"], ("classifier",), False),
     ("gpt2", ["Conv1D"], (), True),
 ])
@@ -50,8 +55,8 @@ def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, typ
         torch.testing.assert_close(logits(gm(*inputs)), logits(ref(*inputs)), rtol=1e-5, atol=1e-5)
     gm.train()
     logits(gm(*inputs)).square().mean().backward()
-    assert all(m.bias.grad is not None for m in layers.values())
-    assert seedrand.summary(gm).total.regenerated == sum(m.in_features * m.out_features for m in layers.values())
+    assert all(m.bias.grad is not None for m in layers.values() if m.bias is not None)
+    assert seedrand.summary(gm).total.regenerated == sum(math.prod(m.weight_shape) for m in layers.values())
 
 
 def test_weights_are_scaled_philox_bit_for_bit_with_linear_default_bounds(zoo_models):
@@ -111,8 +116,8 @@ def test_seed_determines_weights(zoo_models):
 def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - name: rnd\n    match: {types: [Conv2d]}\n    random: {}\n")
-    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'rnd' \(rules\[0\]\): 'conv1' \(Conv2d\): random "
+    path.write_text("rules:\n  - name: rnd\n    match: {types: [BatchNorm2d]}\n    random: {}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'rnd' \(rules\[0\]\): 'bn1' \(BatchNorm2d\): random "
                                           r"supports nn.Linear"):
         seedrand.rewrite(model, path, inputs)
 
@@ -121,3 +126,15 @@ def test_tied_weight_is_refused(zoo_models):
     model, inputs = zoo_models["gpt2"]
     with pytest.raises(PolicyError, match="'lm_head' .*also read by"):
         seedrand.rewrite(model, policy(["Linear"]), inputs)
+
+
+@pytest.mark.parametrize("conv,shape", [(torch.nn.Conv1d(3, 5, 3, stride=2, padding=1), (2, 3, 11)),
+                                        (torch.nn.Conv3d(2, 4, 2, dilation=2, groups=2), (1, 2, 6, 6, 6))])
+def test_conv1d_and_conv3d_with_gradients(conv, shape):
+    model = torch.nn.Sequential(conv, torch.nn.ReLU())
+    x = torch.randn(shape, requires_grad=True)
+    gm = seedrand.rewrite(model, policy([type(conv).__name__]), (x,))
+    ref = materialized_reference(model, gm)
+    torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-6)
+    (grad,) = torch.autograd.grad(gm(x).sum(), x)
+    torch.testing.assert_close(grad, torch.autograd.grad(ref(x).sum(), x)[0], rtol=1e-5, atol=1e-6)

@@ -18,7 +18,7 @@ import torch
 
 from .init import regenerate
 
-__all__ = ["regen_matmul", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["regen_matmul", "regen_conv", "DEFAULT_CHUNK_BYTES"]
 
 # 256 KiB of float32 weight per block; the torch Philox path holds about 16 int64 temporaries per element while it
 # generates a block, so its transient memory is about 32 x this
@@ -87,3 +87,52 @@ def _backward(ctx, grad):
 
 
 regen_matmul.register_autograd(_backward, setup_context=_setup_context)
+
+
+_CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
+_CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
+
+
+def _conv_weight(seed: int, weight_shape: list[int], scale: float, normal: bool, dtype, device) -> torch.Tensor:
+    init = f"normal({scale!r})" if normal else f"uniform({scale!r})"
+    return regenerate(seed, tuple(weight_shape), init, 1, 1, dtype, device)
+
+
+@torch.library.custom_op("seedrand::regen_conv", mutates_args=())
+def regen_conv(x: torch.Tensor, seed: int, weight_shape: list[int], scale: float, normal: bool, stride: list[int],
+               padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
+    """Convolution (1d/2d/3d, by ``len(weight_shape) - 2``) by a regenerated weight, without bias.
+
+    The ``weight_shape`` weight (``(out_channels, in_channels / groups, *kernel)``) is regenerated into a transient
+    buffer (``U(-scale, scale)`` or ``N(0, scale**2)``, element ``i`` from Philox offset ``i``), used, and dropped;
+    backward regenerates it again for the input gradient, and autograd saves no tensor (only ``x``'s shape).
+
+    Args:
+        x: ``(N, in_channels, *spatial)``, a float dtype. Other arguments as ``torch.nn.functional.conv{n}d``.
+
+    Returns:
+        ``(N, out_channels, *spatial_out)``, dtype of ``x``.
+    """
+    w = _conv_weight(seed, weight_shape, scale, normal, x.dtype, x.device)
+    return _CONV[len(weight_shape) - 2](x, w, None, stride, padding, dilation, groups)
+
+
+@regen_conv.register_fake
+def _(x, seed, weight_shape, scale, normal, stride, padding, dilation, groups):
+    w = torch.empty(weight_shape, dtype=x.dtype, device="meta")
+    return _CONV[len(weight_shape) - 2](x.to("meta"), w, None, stride, padding, dilation, groups).to(x.device)
+
+
+def _conv_setup_context(ctx, inputs, output):
+    x, ctx.seed, ctx.weight_shape, ctx.scale, ctx.normal, ctx.stride, ctx.padding, ctx.dilation, ctx.groups = inputs
+    ctx.input_shape = x.shape
+
+
+def _conv_backward(ctx, grad):
+    w = _conv_weight(ctx.seed, ctx.weight_shape, ctx.scale, ctx.normal, grad.dtype, grad.device)
+    grad_x = _CONV_INPUT_GRAD[len(ctx.weight_shape) - 2](ctx.input_shape, w, grad, ctx.stride, ctx.padding,
+                                                        ctx.dilation, ctx.groups)
+    return grad_x, None, None, None, None, None, None, None, None
+
+
+regen_conv.register_autograd(_conv_backward, setup_context=_conv_setup_context)

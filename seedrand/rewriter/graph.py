@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
-__all__ = ["own_parameters"]
+__all__ = ["own_parameters", "full_args"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -18,3 +18,17 @@ def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.n
     prefix = f"{qualname}." if qualname else ""
     return [(n, p) for n, p in gm.named_parameters(remove_duplicate=False)
             if n.startswith(prefix) and "." not in n[len(prefix):]]
+
+
+def full_args(node: fx.Node) -> tuple:
+    """A call's positional arguments with its op schema's defaults filled in, as far as they are positional and not
+    given by keyword (an export omits arguments equal to their default, e.g. ``dropout_p=0.0``)."""
+    schema = getattr(node.target, "_schema", None)
+    if schema is None:
+        return tuple(node.args)
+    extra = []
+    for arg in [a for a in schema.arguments if not a.kwarg_only][len(node.args):]:
+        if arg.name in node.kwargs or not arg.has_default_value():
+            break
+        extra.append(arg.default_value)
+    return tuple(node.args) + tuple(extra)

@@ -31,6 +31,7 @@ from torch.export import Dim
 from torch.utils import _pytree as pytree
 
 from ..errors import SeedrandError, TraceError
+from .graph import full_args
 
 __all__ = ["trace", "TraceInfo"]
 
@@ -153,19 +154,6 @@ def _comparable_ops(gm: fx.GraphModule) -> list[fx.Node]:
             if n.op == "call_function" and not _is_batch_count(n) and n.target not in _VALUE_PRESERVING]
 
 
-def _full_args(node: fx.Node) -> tuple:
-    """Positional arguments with the schema's defaults filled in (an export omits ``dropout_p=0.0`` in eval)."""
-    schema = getattr(node.target, "_schema", None)
-    if schema is None:
-        return tuple(node.args)
-    extra = []
-    for arg in [a for a in schema.arguments if not a.kwarg_only][len(node.args):]:
-        if arg.name in node.kwargs or not arg.has_default_value():
-            break
-        extra.append(arg.default_value)
-    return tuple(node.args) + tuple(extra)
-
-
 def _mode_constants(train_ops: list[fx.Node], eval_ops: list[fx.Node]):
     """Pair the two exports op by op: ``(patches, None)`` where patches are ``(node, arg index, train value, eval
     value)`` for every numeric constant that differs, or ``(None, reason)`` when anything else differs."""
@@ -173,7 +161,7 @@ def _mode_constants(train_ops: list[fx.Node], eval_ops: list[fx.Node]):
         return None, f"the train graph has {len(train_ops)} ops and the eval graph {len(eval_ops)}"
     patches = []
     for a, b in zip(train_ops, eval_ops):
-        args_a, args_b = _full_args(a), _full_args(b)
+        args_a, args_b = full_args(a), full_args(b)
         same_shape = a.target == b.target and len(args_a) == len(args_b) and repr(a.kwargs) == repr(b.kwargs)
         for i, (x, y) in enumerate(zip(args_a, args_b) if same_shape else ()):
             if isinstance(x, fx.Node) and isinstance(y, fx.Node) or repr(x) == repr(y):
@@ -196,7 +184,7 @@ def _tie_to_mode(gm: fx.GraphModule, patches) -> None:
     with gm.graph.inserting_after(last_placeholder):
         flag = gm.graph.call_module("_seedrand_training")
     for node, i, train_value, eval_value in patches:
-        node.args = _full_args(node)
+        node.args = full_args(node)
         if (train_value, eval_value) == (True, False):
             node.update_arg(i, flag)
         else:
