@@ -282,14 +282,9 @@ def _error_message(err: dict, loc: tuple) -> str:
     return f"{field}: {msg}" if field else msg
 
 
-def _clean_loc(loc: tuple) -> tuple:
-    # pydantic adds the tag of a failing union member / validator-produced dicts; keep only real keys
-    return tuple(p for p in loc if not (isinstance(p, str) and p.startswith("function-")))
-
-
 def _from_validation_error(e: ValidationError, root: yaml.Node, path: str, data: Any) -> PolicyError:
     err = e.errors()[0]
-    loc = _clean_loc(err["loc"])
+    loc = err["loc"]
     node = _node_at(root, loc, at_key=err["type"] == "extra_forbidden")
     rule = None
     if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):

@@ -93,12 +93,13 @@ class Summary:
         return console.file.getvalue()
 
 
-def _human(nbytes: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if nbytes < 1024 or unit == "GiB":
-            return f"{nbytes:.0f} {unit}" if unit == "B" else f"{nbytes:.1f} {unit}"
+def _human(nbytes: float) -> str:
+    if nbytes < 1024:
+        return f"{nbytes:.0f} B"
+    for unit in ("KiB", "MiB", "GiB"):
         nbytes /= 1024
-    raise AssertionError("unreachable")
+        if nbytes < 1024 or unit == "GiB":
+            return f"{nbytes:.1f} {unit}"
 
 
 def _regenerated(module: nn.Module) -> list[tuple[int, int]]:

@@ -21,7 +21,7 @@ import torch
 
 from . import philox
 
-__all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate"]
+__all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate", "sample"]
 
 _NAMED = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
 _PARAMETRIC = re.compile(r"^(normal|uniform)\(((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\)$")
@@ -91,9 +91,22 @@ def regenerate(seed: int, shape: tuple[int, ...], init: str, fan_in: int, fan_ou
         ValueError: as :func:`init_distribution`.
     """
     kind, scale = init_distribution(init, fan_in, fan_out)
+    return sample(seed, shape, kind, scale, dtype, device, start)
+
+
+def sample(seed: int, shape: tuple[int, ...], kind: str, scale: float, dtype: torch.dtype = torch.float32,
+           device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
+    """Elements ``start .. start + prod(shape)`` of ``U(-scale, scale)`` (``kind="uniform"``) or ``N(0, scale**2)``
+    (``kind="normal"``) regenerated from Philox ``seed``, computed in float32, cast to ``dtype``, shaped ``shape``.
+
+    Raises:
+        ValueError: ``kind`` is neither ``"uniform"`` nor ``"normal"``.
+    """
     offsets = torch.arange(start, start + math.prod(shape), dtype=torch.int64, device=device)
     if kind == "uniform":
         values = (2.0 * philox.rand(seed, offsets) - 1.0) * scale
-    else:
+    elif kind == "normal":
         values = philox.randn(seed, offsets) * scale
+    else:
+        raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
     return values.reshape(shape).to(dtype)

@@ -12,11 +12,9 @@ a fake (meta) kernel, so it works under ``torch.compile`` and ``torch.export``.
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from .init import regenerate
+from .init import sample
 
 __all__ = ["regen_matmul", "regen_conv", "DEFAULT_CHUNK_BYTES"]
 
@@ -30,8 +28,8 @@ def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
 
 
 def _weight_rows(seed: int, rows: range, in_features: int, scale: float, normal: bool, dtype, device) -> torch.Tensor:
-    init = f"normal({scale!r})" if normal else f"uniform({scale!r})"
-    return regenerate(seed, (len(rows), in_features), init, 1, 1, dtype, device, start=rows.start * in_features)
+    return sample(seed, (len(rows), in_features), "normal" if normal else "uniform", scale, dtype, device,
+                  start=rows.start * in_features)
 
 
 @torch.library.custom_op("seedrand::regen_matmul", mutates_args=())
@@ -94,8 +92,7 @@ _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input
 
 
 def _conv_weight(seed: int, weight_shape: list[int], scale: float, normal: bool, dtype, device) -> torch.Tensor:
-    init = f"normal({scale!r})" if normal else f"uniform({scale!r})"
-    return regenerate(seed, tuple(weight_shape), init, 1, 1, dtype, device)
+    return sample(seed, tuple(weight_shape), "normal" if normal else "uniform", scale, dtype, device)
 
 
 @torch.library.custom_op("seedrand::regen_conv", mutates_args=())

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..kernels.init import init_distribution, regenerate
+from ..kernels.init import init_distribution, regenerate, sample
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import full_args
@@ -43,8 +43,7 @@ class _Regenerated(nn.Module):
 
     def _bias(self, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
         if self.bias_seed is not None:  # PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            bound = 1 / math.sqrt(self.fan_in)
-            return regenerate(self.bias_seed, (self.weight_shape[0],), f"uniform({bound!r})", 1, 1, dtype, device)
+            return sample(self.bias_seed, (self.weight_shape[0],), "uniform", 1 / math.sqrt(self.fan_in), dtype, device)
         return self.bias
 
     def weight(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
@@ -123,21 +122,24 @@ def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int 
     return nn.Parameter(stored.detach().clone(), requires_grad=mode == "trainable")
 
 
+def _weight_readers(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx.Node]]:
+    """``(weight get_attr node, op reading it)`` pairs in an exported graph (none in a symbolically traced one)."""
+    return [(node, user) for node in gm.graph.nodes
+            if node.op == "get_attr" and node.target == f"{target.qualname}.weight" for user in node.users]
+
+
 def _call_sites(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx.Node]]:
     """``(node, input)`` pairs computing the layer: its ``call_module`` node (symbolic trace), or the
     ``aten.linear``/``aten.conv{1,2,3}d``/``aten.addmm`` nodes reading its weight (export)."""
     sites = [(n, n.args[0]) for n in gm.graph.nodes if n.op == "call_module" and n.target == target.qualname]
-    for node in gm.graph.nodes:
-        if node.op != "get_attr" or node.target != f"{target.qualname}.weight":
-            continue
-        for user in node.users:
-            if user.target in _WEIGHT_SECOND and user.args[1] is node:
-                sites.append((user, user.args[0]))
-            elif user.target == _aten.addmm.default and user.args[2] is node and len(user.args) == 3:
-                sites.append((user, user.args[1]))
-            else:
-                raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
-                                   "regenerated without changing the other reader)")
+    for weight, user in _weight_readers(gm, target):
+        if user.target in _WEIGHT_SECOND and user.args[1] is weight:
+            sites.append((user, user.args[0]))
+        elif user.target == _aten.addmm.default and len(user.args) == 3 and user.args[2] is weight:
+            sites.append((user, user.args[1]))
+        else:
+            raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
+                               "regenerated without changing the other reader)")
     return sites
 
 
@@ -164,8 +166,8 @@ def _conv_hyperparameters(gm: fx.GraphModule, target: Target, n: int) -> tuple:
             raise target.error(f"random supports zero padding only, not padding_mode={module.padding_mode!r}")
         found = (module.stride, module.padding, module.dilation, module.groups)
     else:
-        calls = [user for node in gm.graph.nodes if node.op == "get_attr" and node.target == f"{target.qualname}.weight"
-                 for user in node.users if user.target in _WEIGHT_SECOND - {_aten.linear.default}]
+        calls = [user for _, user in _weight_readers(gm, target)
+                 if user.target in _WEIGHT_SECOND - {_aten.linear.default}]
         if not calls:
             raise target.error("its weight is never used by a convolution in the traced forward")
         found = full_args(calls[0])[3:7]
