@@ -109,6 +109,9 @@ def regen_conv(x: torch.Tensor, seed: int, weight_shape: list[int], scale: float
 
     Returns:
         ``(N, out_channels, *spatial_out)``, dtype of ``x``.
+
+    Raises:
+        RuntimeError: from ``torch.nn.functional.conv{n}d`` when ``x`` does not fit the weight.
     """
     w = _conv_weight(seed, weight_shape, scale, normal, x.dtype, x.device)
     return _CONV[len(weight_shape) - 2](x, w, None, stride, padding, dilation, groups)

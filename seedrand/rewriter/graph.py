@@ -13,7 +13,8 @@ def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.n
 
     Works on symbolically traced graphs (the module is a submodule) and on exported ones (the parameters keep their
     fully qualified names under plain container modules). Tied parameters appear under every name that holds them.
-    Parameters the traced forward never reads are absent: tracing drops them.
+    Parameters the traced forward never reads are absent: tracing drops them. Raises nothing; an unknown
+    ``qualname`` gives an empty list.
     """
     prefix = f"{qualname}." if qualname else ""
     return [(n, p) for n, p in gm.named_parameters(remove_duplicate=False)
