@@ -51,13 +51,13 @@ class FreezeFraction(_Strict):
     dim: Literal["out", "in"] = "out"
     select: Literal["first", "last", "random"] = "first"
     fixed: Literal["random", "zero", "keep"] = "random"
-    init: Init = "kaiming_uniform"
+    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
 
 
 class Random(_Strict):
     """``random``: the weight becomes non-trainable and regenerated from its Philox key on every use."""
 
-    init: Init = "kaiming_uniform"
+    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
     bias: Literal["zero", "random", "keep", "trainable"] = "keep"
 
 

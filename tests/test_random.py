@@ -14,7 +14,7 @@ from seedrand.kernels import philox
 from seedrand.passes.random import RandomConv, RandomLinear
 
 
-def policy(types, bias="trainable", exclude=(), seed=7, init="kaiming_uniform"):
+def policy(types, bias="trainable", exclude=(), seed=7, init=None):
     return {"seed": seed, "rules": [{"name": "rnd", "match": {"types": types, "exclude": list(exclude)},
                                      "random": {"bias": bias, "init": init}}]}
 
@@ -49,7 +49,11 @@ def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, typ
     gm = seedrand.rewrite(model, policy(types, exclude=exclude), inputs)
     layers = randomized(gm)
     assert layers and all(f"{n}.weight" not in dict(gm.named_parameters()) for n in layers)
-    assert not any(k.startswith(tuple(f"{n}.weight" for n in layers)) for k in gm.state_dict())
+    state = gm.state_dict()
+    for n, m in layers.items():  # per regenerated weight only its seed and a 16-value fingerprint are stored
+        assert {k for k in state if k.startswith(f"{n}.weight")} == {f"{n}.weight_seed", f"{n}.weight_fingerprint"}
+        assert state[f"{n}.weight_seed"].item() == m.seed
+        assert torch.equal(state[f"{n}.weight_fingerprint"], m.weight().flatten()[:16])
     ref = materialized_reference(model, gm, conv1d)
     with torch.no_grad():
         torch.testing.assert_close(logits(gm(*inputs)), logits(ref(*inputs)), rtol=1e-5, atol=1e-5)
@@ -124,7 +128,7 @@ def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
 
 def test_tied_weight_is_refused(zoo_models):
     model, inputs = zoo_models["gpt2"]
-    with pytest.raises(PolicyError, match="'lm_head' .*also read by"):
+    with pytest.raises(PolicyError, match="'lm_head' .*weight is tied to transformer.wte.weight"):
         seedrand.rewrite(model, policy(["Linear"]), inputs)
 
 

@@ -21,7 +21,7 @@ import torch
 
 from . import philox
 
-__all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate", "sample"]
+__all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate", "sample", "sample_at"]
 
 _NAMED = ("kaiming_uniform", "kaiming_normal", "xavier_uniform", "xavier_normal")
 _PARAMETRIC = re.compile(r"^(normal|uniform)\(((?:\d+\.?\d*|\.\d+)(?:[eE][-+]?\d+)?)\)$")
@@ -96,17 +96,28 @@ def regenerate(seed: int, shape: tuple[int, ...], init: str, fan_in: int, fan_ou
 
 def sample(seed: int, shape: tuple[int, ...], kind: str, scale: float, dtype: torch.dtype = torch.float32,
            device: torch.device | str = "cpu", start: int = 0) -> torch.Tensor:
-    """Elements ``start .. start + prod(shape)`` of ``U(-scale, scale)`` (``kind="uniform"``) or ``N(0, scale**2)``
-    (``kind="normal"``) regenerated from Philox ``seed``, computed in float32, cast to ``dtype``, shaped ``shape``.
+    """Elements ``start .. start + prod(shape)`` of :func:`sample_at`, shaped ``shape``.
 
     Raises:
         ValueError: ``kind`` is neither ``"uniform"`` nor ``"normal"``.
     """
     offsets = torch.arange(start, start + math.prod(shape), dtype=torch.int64, device=device)
+    return sample_at(seed, offsets, kind, scale, dtype).reshape(shape)
+
+
+def sample_at(seed: int, offsets: torch.Tensor, kind: str, scale: float,
+              dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """``U(-scale, scale)`` (``kind="uniform"``) or ``N(0, scale**2)`` (``kind="normal"``) at Philox counter
+    ``offsets`` (int64, any shape, values in ``[0, 2**63)``) of key ``seed``: computed in float32, cast to ``dtype``,
+    shaped like ``offsets``, on its device. A gather of rows or a slice of a weight is the same tensor indexed.
+
+    Raises:
+        ValueError: ``kind`` is neither ``"uniform"`` nor ``"normal"``.
+    """
     if kind == "uniform":
         values = (2.0 * philox.rand(seed, offsets) - 1.0) * scale
     elif kind == "normal":
         values = philox.randn(seed, offsets) * scale
     else:
         raise ValueError(f"kind must be 'uniform' or 'normal', got {kind!r}")
-    return values.reshape(shape).to(dtype)
+    return values.to(dtype)

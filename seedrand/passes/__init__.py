@@ -9,12 +9,14 @@ import torch.fx as fx
 
 from ..rewriter.match import Target
 from .freeze import freeze, freeze_captured
+from .freeze_fraction import freeze_fraction
 from .random import random
 
 __all__ = ["PASSES", "CAPTURED_PASSES"]
 
 PASSES: dict[str, Callable[[fx.GraphModule, Target], None]] = {
     "freeze": freeze,
+    "freeze_fraction": freeze_fraction,
     "random": random,
 }
 

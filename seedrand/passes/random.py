@@ -1,11 +1,11 @@
 """The ``random`` action (paper 000): a layer whose weight is non-trainable and regenerated from its Philox key on
-every use, forward and backward, so it stores zero bytes. This version handles ``nn.Linear``, transformers'
-``Conv1D`` (GPT-2) and ``nn.Conv1d/2d/3d`` with zero padding, on graphs from either tracing strategy.
+every use, forward and backward, so it stores zero bytes. Handles ``nn.Linear``, transformers' ``Conv1D`` (GPT-2),
+``nn.Conv1d/2d/3d`` with zero padding and ``nn.Embedding``, on graphs from either tracing strategy.
 
-Weight element ``(o, i)`` of a ``(out_features, in_features)`` weight is element ``o * in_features + i`` of
-``seedrand.kernels.init.regenerate(derive_seed(seed, qualname, "weight"), ...)``, for ``Conv1D`` too (its stored
-weight is ``(in, out)``; the regenerated one follows the Linear convention). ``init`` bounds use
-``fan_in = in_features``, ``fan_out = out_features``: ``kaiming_uniform`` is exactly PyTorch's default Linear init.
+The weight's Philox key is ``derive_seed(seed, qualname, "weight")``; its elements use the counters of
+``seedrand.passes.layout`` (row-major in ``(out, in, *kernel)``, for ``Conv1D`` too, whose stored weight is the
+transpose). ``init`` defaults to the layer's own (``kaiming_uniform``, exactly PyTorch's default Linear/Conv init;
+``normal(1.0)`` for Embedding; ``normal(0.02)`` for ``Conv1D``) with the fans ``torch.nn.init`` computes.
 """
 
 from __future__ import annotations
@@ -17,52 +17,52 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..kernels.init import init_distribution, regenerate, sample
+from ..kernels.init import init_distribution, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import full_args
+from ..rewriter.graph import full_args, install
 from ..rewriter.match import Target
+from .layout import CONV_OPS, Layout, call_sites, layout, stored_weight, weight_readers
+from .regenerated import Regenerating, Stream
 
-__all__ = ["RandomLinear", "RandomConv", "random"]
-
-_aten = torch.ops.aten
-_WEIGHT_SECOND = {_aten.linear.default, _aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
+__all__ = ["RandomLinear", "RandomConv", "RandomEmbedding", "random"]
 
 
-class _Regenerated(nn.Module):
-    """A layer whose ``weight_shape`` weight is regenerated from ``seed``; bias as in :class:`RandomLinear`."""
+class _RandomLayer(Regenerating):
+    """A layer whose ``weight_shape`` weight is regenerated from ``seed`` (stream ``weight``); bias as in
+    :class:`RandomLinear` (a regenerated bias is stream ``bias``)."""
 
     def __init__(self, weight_shape: tuple[int, ...], fan_in: int, fan_out: int, seed: int, init: str,
                  bias: nn.Parameter | int | None):
         super().__init__()
-        self.weight_shape, self.fan_in, self.fan_out, self.seed, self.init = weight_shape, fan_in, fan_out, seed, init
-        kind, self.scale = init_distribution(init, fan_in, fan_out)
-        self.normal = kind == "normal"
-        self.bias_seed = bias if isinstance(bias, int) else None
+        self.weight_shape, self.fan_in, self.fan_out, self.init = tuple(weight_shape), fan_in, fan_out, init
+        self.streams["weight"] = Stream(seed, *init_distribution(init, fan_in, fan_out), self.weight_shape)
+        if isinstance(bias, int):  # PyTorch's default Linear/Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
+            self.streams["bias"] = Stream(bias, "uniform", 1 / math.sqrt(fan_in), (weight_shape[0],))
         self.bias = bias if isinstance(bias, nn.Parameter) else None
 
+    @property
+    def seed(self) -> int:
+        """The weight's Philox key."""
+        return self.streams["weight"].seed
+
+    def _distribution(self) -> tuple[float, bool]:
+        stream = self.streams["weight"]
+        return stream.scale, stream.kind == "normal"
+
     def _bias(self, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
-        if self.bias_seed is not None:  # PyTorch's default bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
-            return sample(self.bias_seed, (self.weight_shape[0],), "uniform", 1 / math.sqrt(self.fan_in), dtype, device)
-        return self.bias
+        return self.regenerate("bias", dtype, device) if "bias" in self.streams else self.bias
 
     def weight(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
         """The regenerated weight (shape ``weight_shape``), materialized (for inspection and export)."""
-        return regenerate(self.seed, self.weight_shape, self.init, self.fan_in, self.fan_out, dtype, device)
-
-    def seedrand_regenerated(self) -> dict[str, torch.Tensor]:
-        """Meta tensors with the shapes of what this module regenerates (for ``seedrand.summary``)."""
-        shapes = {"weight": self.weight_shape}
-        if self.bias_seed is not None:
-            shapes["bias"] = (self.weight_shape[0],)
-        return {name: torch.empty(shape, device="meta") for name, shape in shapes.items()}
+        return self.regenerate("weight", dtype, device)
 
     def extra_repr(self) -> str:
-        bias = "random" if self.bias_seed is not None else self.bias is not None
-        return f"weight_shape={tuple(self.weight_shape)}, init={self.init}, seed={self.seed}, bias={bias}"
+        bias = "random" if "bias" in self.streams else self.bias is not None
+        return f"weight_shape={self.weight_shape}, init={self.init}, seed={self.seed}, bias={bias}"
 
 
-class RandomLinear(_Regenerated):
+class RandomLinear(_RandomLayer):
     """``y = x @ W.T + b`` with ``W`` regenerated from ``seed`` (never stored, never a parameter).
 
     Args:
@@ -82,13 +82,13 @@ class RandomLinear(_Regenerated):
         self.in_features, self.out_features, self.chunk_bytes = in_features, out_features, chunk_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = regen_matmul(x, self.seed, self.out_features, self.in_features, self.scale, self.normal, False,
+        y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
                          self.chunk_bytes)
         bias = self._bias(x.dtype, x.device)
         return y if bias is None else y + bias
 
 
-class RandomConv(_Regenerated):
+class RandomConv(_RandomLayer):
     """A Conv1d/2d/3d (zero padding) whose weight is regenerated from ``seed`` on every use (``regen_conv``).
 
     Args:
@@ -107,10 +107,43 @@ class RandomConv(_Regenerated):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = regen_conv(x, self.seed, list(self.weight_shape), self.scale, self.normal, list(self.stride),
+        y = regen_conv(x, self.seed, list(self.weight_shape), *self._distribution(), list(self.stride),
                        list(self.padding), list(self.dilation), self.groups)
         bias = self._bias(x.dtype, x.device)
         return y if bias is None else y + bias.reshape(-1, *[1] * (y.dim() - 2))
+
+
+class RandomEmbedding(_RandomLayer):
+    """An embedding table regenerated from ``seed``: a lookup regenerates only the rows it reads, so neither the
+    table nor a gradient for it ever exists.
+
+    Args:
+        num_embeddings, embedding_dim: the table's shape; row ``r`` holds Philox counters
+            ``r * embedding_dim .. (r + 1) * embedding_dim - 1``.
+        seed: the table's Philox key.
+        init: an init name; fans as ``torch.nn.init`` computes them for the table (``fan_in = embedding_dim``).
+        padding_idx: a row that reads as zeros (as ``nn.Embedding`` initializes it), or ``None``.
+        dtype: dtype of the output (the replaced table's); follows ``module.to(dtype)``.
+
+    Input: integer indices of any shape ``S``; output ``(*S, embedding_dim)``.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, seed: int, init: str, padding_idx: Optional[int],
+                 dtype: torch.dtype = torch.float32):
+        super().__init__((num_embeddings, embedding_dim), embedding_dim, num_embeddings, seed, init, None)
+        self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
+        self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
+        # an empty tensor, so .to(dtype/device) and .half() reach the output's dtype
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
+
+    def forward(self, indices: torch.Tensor) -> torch.Tensor:
+        stream = self.streams["weight"]
+        offsets = indices.unsqueeze(-1) * self.embedding_dim + torch.arange(self.embedding_dim,
+                                                                            device=indices.device)
+        rows = sample_at(stream.seed, offsets, stream.kind, stream.scale, self.dtype_probe.dtype)
+        if self.padding_idx is None:
+            return rows
+        return rows.masked_fill((indices == self.padding_idx).unsqueeze(-1), 0.0)
 
 
 def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int | None:
@@ -122,39 +155,27 @@ def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int 
     return nn.Parameter(stored.detach().clone(), requires_grad=mode == "trainable")
 
 
-def _weight_readers(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx.Node]]:
-    """``(weight get_attr node, op reading it)`` pairs in an exported graph (none in a symbolically traced one)."""
-    return [(node, user) for node in gm.graph.nodes
-            if node.op == "get_attr" and node.target == f"{target.qualname}.weight" for user in node.users]
+def _replacement(gm: fx.GraphModule, target: Target, lay: Layout, bias: nn.Parameter | int | None) -> nn.Module:
+    seed, init = derive_seed(target.seed, target.qualname, "weight"), lay.init(target.rule.params.init)
+    if lay.kind == "linear":
+        return RandomLinear(lay.shape[1], lay.shape[0], seed, init, bias)
+    if lay.kind == "conv":
+        return RandomConv(lay.shape, *_conv_hyperparameters(gm, target, len(lay.shape) - 2), seed, init, bias)
+    dtype = stored_weight(gm, target).dtype
+    return RandomEmbedding(*lay.shape, seed, init, _padding_idx(gm, target), dtype)
 
 
-def _call_sites(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx.Node]]:
-    """``(node, input)`` pairs computing the layer: its ``call_module`` node (symbolic trace), or the
-    ``aten.linear``/``aten.conv{1,2,3}d``/``aten.addmm`` nodes reading its weight (export)."""
-    sites = [(n, n.args[0]) for n in gm.graph.nodes if n.op == "call_module" and n.target == target.qualname]
-    for weight, user in _weight_readers(gm, target):
-        if user.target in _WEIGHT_SECOND and user.args[1] is weight:
-            sites.append((user, user.args[0]))
-        elif user.target == _aten.addmm.default and len(user.args) == 3 and user.args[2] is weight:
-            sites.append((user, user.args[1]))
-        else:
-            raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
-                               "regenerated without changing the other reader)")
-    return sites
-
-
-def _replacement(gm: fx.GraphModule, target: Target, bias: nn.Parameter | int | None) -> nn.Module:
-    from transformers.pytorch_utils import Conv1D
-
-    weight = gm.get_parameter(f"{target.qualname}.weight")
-    seed, init = derive_seed(target.seed, target.qualname, "weight"), target.rule.params.init
-    if issubclass(target.cls, nn.Linear):
-        return RandomLinear(weight.shape[1], weight.shape[0], seed, init, bias)
-    if issubclass(target.cls, Conv1D):  # stores its weight as (in, out)
-        return RandomLinear(weight.shape[0], weight.shape[1], seed, init, bias)
-    if issubclass(target.cls, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-        return RandomConv(tuple(weight.shape), *_conv_hyperparameters(gm, target, weight.dim() - 2), seed, init, bias)
-    raise target.error("random supports nn.Linear, transformers Conv1D and nn.Conv1d/2d/3d in this version")
+def _padding_idx(gm: fx.GraphModule, target: Target) -> Optional[int]:
+    """The embedding's ``padding_idx``: from the leaf module (symbolic trace) or the ``aten.embedding`` call."""
+    module = gm.get_submodule(target.qualname)
+    if isinstance(module, nn.Embedding):
+        if module.max_norm is not None:
+            raise target.error("random cannot regenerate an embedding with max_norm (it renormalizes the stored "
+                               "table in place)")
+        return module.padding_idx
+    calls = [user for _, user in weight_readers(gm, target) if user.target == torch.ops.aten.embedding.default]
+    padding_idx = full_args(calls[0])[2] if calls else -1
+    return None if padding_idx == -1 else padding_idx
 
 
 def _conv_hyperparameters(gm: fx.GraphModule, target: Target, n: int) -> tuple:
@@ -166,8 +187,8 @@ def _conv_hyperparameters(gm: fx.GraphModule, target: Target, n: int) -> tuple:
             raise target.error(f"random supports zero padding only, not padding_mode={module.padding_mode!r}")
         found = (module.stride, module.padding, module.dilation, module.groups)
     else:
-        calls = [user for _, user in _weight_readers(gm, target)
-                 if user.target in _WEIGHT_SECOND - {_aten.linear.default}]
+        calls = [user for _, user in weight_readers(gm, target)
+                 if user.target in CONV_OPS]
         if not calls:
             raise target.error("its weight is never used by a convolution in the traced forward")
         found = full_args(calls[0])[3:7]
@@ -184,8 +205,8 @@ def _per_dim(value, n: int) -> tuple[int, ...]:
 
 
 def random(gm: fx.GraphModule, target: Target) -> None:
-    """Replace the Linear/Conv1D/Conv ``target`` by a :class:`RandomLinear`/:class:`RandomConv` (see the module
-    docstring).
+    """Replace the Linear/Conv1D/Conv/Embedding ``target`` by a :class:`RandomLinear`/:class:`RandomConv`/
+    :class:`RandomEmbedding` (see the module docstring).
 
     Raises:
         PolicyError: the module is of another type, or its weight is shared with other ops (names the module, the
@@ -195,11 +216,12 @@ def random(gm: fx.GraphModule, target: Target) -> None:
         stored_bias = gm.get_parameter(f"{target.qualname}.bias")
     except AttributeError:
         stored_bias = None
-    module = _replacement(gm, target, _bias(target, stored_bias))
-    sites = _call_sites(gm, target)
+    lay = layout(gm, target)
+    module = _replacement(gm, target, lay, _bias(target, stored_bias))
+    sites = call_sites(gm, target, lay.kind)
     if not sites:
         raise target.error("its weight is never used by the traced forward")
-    _install(gm, target.qualname, module)
+    install(gm, target.qualname, module)
     for node, x in sites:
         if node.op != "call_module":
             with gm.graph.inserting_before(node):
@@ -210,9 +232,3 @@ def random(gm: fx.GraphModule, target: Target) -> None:
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(f"{target.qualname}.")]:
         if not node.users:
             gm.graph.erase_node(node)
-
-
-def _install(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
-    parent_name, _, name = qualname.rpartition(".")
-    parent = gm.get_submodule(parent_name) if parent_name else gm
-    setattr(parent, name, module)  # replaces the original module and, with it, its stored weight

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
-__all__ = ["own_parameters", "full_args"]
+__all__ = ["own_parameters", "full_args", "inline_module", "install"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -33,3 +34,66 @@ def full_args(node: fx.Node) -> tuple:
             break
         extra.append(arg.default_value)
     return tuple(node.args) + tuple(extra)
+
+
+def install(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
+    """Set the submodule ``qualname`` of ``gm`` to ``module``, replacing what was there (and its tensors)."""
+    parent_name, _, name = qualname.rpartition(".")
+    parent = gm.get_submodule(parent_name) if parent_name else gm
+    if name in parent._parameters or name in parent._buffers:
+        delattr(parent, name)  # nn.Module refuses to assign a module over a tensor
+    setattr(parent, name, module)
+
+
+def inline_module(gm: fx.GraphModule, qualname: str) -> None:
+    """Replace every ``call_module`` node of the leaf ``qualname`` by the module's own forward, traced symbolically,
+    so that its tensors are read by ``get_attr`` nodes (as in an exported graph) and a pass can substitute them. The
+    module itself becomes a plain ``nn.Module`` holding the same parameters, buffers and children. A graph that does
+    not call it (an exported one) is left as it is.
+
+    Raises:
+        torch.fx.proxy.TraceError: the module's forward cannot be traced symbolically.
+        ValueError: its forward takes ``*args``/``**kwargs`` or returns more than one tensor.
+    """
+    calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == qualname]
+    if not calls:
+        return
+    module = gm.get_submodule(qualname)
+    body = fx.Tracer().trace(module)
+    placeholders = [n for n in body.nodes if n.op == "placeholder"]
+    if any(p.target.startswith("*") for p in placeholders):
+        raise ValueError(f"cannot inline {qualname}: its forward takes *args or **kwargs")
+    for call in calls:
+        env = {p: _bound(p, i, call) for i, p in enumerate(placeholders)}
+        with gm.graph.inserting_before(call):
+            for node in body.nodes:
+                if node.op == "output":
+                    result = fx.map_arg(node.args[0], env.__getitem__)
+                elif node.op != "placeholder":
+                    env[node] = gm.graph.node_copy(node, env.__getitem__)
+                    if node.op in ("get_attr", "call_module"):
+                        env[node].target = f"{qualname}.{node.target}"
+        if not isinstance(result, fx.Node):
+            raise ValueError(f"cannot inline {qualname}: its forward does not return a single tensor")
+        result.meta = {**call.meta, **result.meta}
+        call.replace_all_uses_with(result)
+        gm.graph.erase_node(call)
+    install(gm, qualname, _container(module))
+
+
+def _bound(placeholder: fx.Node, position: int, call: fx.Node):
+    """The value a ``call_module`` node passes for the forward argument ``placeholder``."""
+    if position < len(call.args):
+        return call.args[position]
+    if placeholder.target in call.kwargs:
+        return call.kwargs[placeholder.target]
+    if placeholder.args:
+        return placeholder.args[0]  # the argument's default
+    raise ValueError(f"cannot inline {call.target}: no value for argument {placeholder.target!r}")
+
+
+def _container(module: nn.Module) -> nn.Module:
+    container = nn.Module()
+    container._parameters, container._modules = module._parameters, module._modules
+    container._buffers, container._non_persistent_buffers_set = module._buffers, module._non_persistent_buffers_set
+    return container
