@@ -21,7 +21,7 @@ from .kernels.init import parse_init
 
 __all__ = [
     "Policy", "Rule", "Match", "Freeze", "FreezeFraction", "Random", "InsertRandom", "FilterGates", "Subspace",
-    "ACTIONS", "load_policy",
+    "ACTIONS", "load_policy", "parse_policy",
 ]
 
 def _check_init(value: str) -> str:
@@ -316,6 +316,15 @@ def load_policy(path: str | Path) -> Policy:
         text = Path(path).read_text()
     except OSError as e:
         raise PolicyError(f"cannot read policy file: {e.strerror}", path=path) from None
+    return parse_policy(text, path)
+
+
+def parse_policy(text: str, path: str = "<policy>") -> Policy:
+    """Validate YAML policy ``text`` as :func:`load_policy` does; ``path`` names its source in errors.
+
+    Raises:
+        PolicyError: YAML syntax error or schema violation (names ``path``, the line and column, and the rule).
+    """
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)

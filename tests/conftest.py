@@ -6,6 +6,7 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+import torch  # noqa: E402
 
 from seedrand import zoo  # noqa: E402
 
@@ -23,3 +24,40 @@ def logits(output):
     if isinstance(output, (tuple, list)):
         return output[0]
     return output
+
+
+class AllLayers(torch.nn.Module):
+    """One of every layer type the weight actions support, symbolically traceable: Embedding (with padding_idx),
+    Linear, transformers Conv1D, Conv1d, Conv2d, Conv3d. Input: int64 token ids ``(B, T)``; output ``(B, 3, T)``."""
+
+    def __init__(self):
+        super().__init__()
+        from transformers.pytorch_utils import Conv1D
+
+        self.emb = torch.nn.Embedding(20, 8, padding_idx=0)
+        self.fc = torch.nn.Linear(8, 12)
+        self.proj = Conv1D(6, 12)
+        self.conv1 = torch.nn.Conv1d(6, 4, 3, padding=1)
+        self.conv2 = torch.nn.Conv2d(4, 5, 3, padding=1)
+        self.conv3 = torch.nn.Conv3d(5, 3, 1)
+
+    def forward(self, ids):
+        h = torch.relu(self.fc(self.emb(ids)))
+        h = self.conv1(self.proj(h).transpose(1, 2))
+        h = self.conv2(h.unsqueeze(-1))
+        return self.conv3(h.unsqueeze(-1)).flatten(2)
+
+
+LAYER_NAMES = ("emb", "fc", "proj", "conv1", "conv2", "conv3")
+
+
+def all_layers(dtype=torch.float32):
+    """``(AllLayers model in eval mode and ``dtype``, (ids,))`` with fixed weights; ids include the padding row 0."""
+    gen = torch.Generator().manual_seed(0)
+    model = AllLayers()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape, generator=gen) * 0.3)
+    ids = torch.randint(0, 20, (2, 7), generator=gen)
+    ids[0, 0] = 0
+    return model.to(dtype).eval(), (ids,)

@@ -10,6 +10,7 @@ import torch.fx as fx
 from ..rewriter.match import Target
 from .freeze import freeze, freeze_captured
 from .freeze_fraction import freeze_fraction
+from .insert_random import insert_random
 from .random import random
 
 __all__ = ["PASSES", "CAPTURED_PASSES"]
@@ -17,6 +18,7 @@ __all__ = ["PASSES", "CAPTURED_PASSES"]
 PASSES: dict[str, Callable[[fx.GraphModule, Target], None]] = {
     "freeze": freeze,
     "freeze_fraction": freeze_fraction,
+    "insert_random": insert_random,
     "random": random,
 }
 

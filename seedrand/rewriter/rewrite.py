@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
@@ -27,11 +28,13 @@ class RewriteRecord:
         policy: the policy applied.
         targets: every (module, rule) pair, in the order the passes ran.
         trace: how the model was captured.
+        example_inputs: the example inputs it was traced with (``None`` if none were given).
     """
 
     policy: Policy
     targets: list[Target]
     trace: TraceInfo
+    example_inputs: Optional[tuple] = None
 
 
 def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
@@ -71,6 +74,8 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         if rule.action not in PASSES:
             raise policy.error(f"action {rule.action} is not implemented in this version of seedrand "
                                f"(implemented: {', '.join(PASSES)})", rule)
+    if isinstance(example_inputs, torch.Tensor):
+        example_inputs = (example_inputs,)
     model = copy.deepcopy(model)
     targets = resolve(policy, model)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs)
@@ -78,5 +83,5 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         PASSES[target.rule.action](gm, target)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[RECORD_KEY] = RewriteRecord(policy, targets, info)
+    gm.meta[RECORD_KEY] = RewriteRecord(policy, targets, info, example_inputs)
     return gm

@@ -124,7 +124,6 @@ def _same_outputs(a: Any, b: Any) -> bool:
 def _symbolic(model: nn.Module, leaves: set[str], example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
     graphs = {mode: _in_mode(model, mode, lambda: _LeafTracer(leaves).trace(model)) for mode in (True, False)}
     mode = model.training
-    gm = fx.GraphModule(model, graphs[mode], class_name=type(model).__name__)
     info = TraceInfo("symbolic_trace")
     if graphs[True].python_code("self").src != graphs[False].python_code("self").src:
         info.locked_mode, info.lock_reason = mode, "the model's forward branches on self.training"
@@ -134,6 +133,8 @@ def _symbolic(model: nn.Module, leaves: set[str], example_inputs) -> tuple[fx.Gr
             same = _in_mode(model, False, lambda: _same_outputs(model(*example_inputs), check(*example_inputs)))
         if not same:
             raise TraceError("the symbolically traced graph's outputs differ from the model's")
+    # built last: a graph belongs to the GraphModule built on it last, and passes add submodules to this one
+    gm = fx.GraphModule(model, graphs[mode], class_name=type(model).__name__)
     return gm, info
 
 
