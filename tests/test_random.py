@@ -6,12 +6,12 @@ import math
 
 import pytest
 import torch
-from conftest import logits
+from conftest import LAYER_NAMES, all_layers, logits
 
 import seedrand
 from seedrand import PolicyError
 from seedrand.kernels import philox
-from seedrand.passes.random import RandomConv, RandomLinear
+from seedrand.passes.random import RandomConv, RandomEmbedding, RandomLinear
 
 
 def policy(types, bias="trainable", exclude=(), seed=7, init=None):
@@ -142,3 +142,60 @@ def test_conv1d_and_conv3d_with_gradients(conv, shape):
     torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(gm(x).sum(), x)
     torch.testing.assert_close(grad, torch.autograd.grad(ref(x).sum(), x)[0], rtol=1e-5, atol=1e-6)
+
+
+def materialized_all_layers(model, gm, dtype):
+    """AllLayers with every regenerated weight written in (Conv1D transposed, the padding row zeroed)."""
+    ref = copy.deepcopy(model)
+    for name in LAYER_NAMES:
+        layer, module = ref.get_submodule(name), gm.get_submodule(name)
+        w = module.weight(dtype)
+        if name == "emb":
+            w[layer.padding_idx] = 0
+        layer.weight.data = w.T.contiguous() if name == "proj" else w
+        if getattr(layer, "bias", None) is not None:
+            layer.bias.data = module.bias.detach().clone()
+    return ref
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_every_layer_type_and_dtype(dtype):
+    model, inputs = all_layers(dtype)
+    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": list(LAYER_NAMES)}, "random": {}}]}, inputs)
+    assert not [n for n, _ in gm.named_parameters() if n.endswith("weight")]
+    out = gm(*inputs)
+    assert out.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(out, materialized_all_layers(model, gm, dtype)(*inputs), rtol=tol, atol=tol)
+
+
+def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
+    model, (ids,) = all_layers()
+    gm = seedrand.rewrite(model, {"seed": 4, "rules": [{"match": {"modules": ["emb"]}, "random": {}}]}, (ids,))
+    emb = gm.get_submodule("emb")
+    assert isinstance(emb, RandomEmbedding) and emb.seed == philox.derive_seed(4, "emb", "weight")
+    table = philox.randn(emb.seed, torch.arange(20 * 8)).reshape(20, 8)  # nn.Embedding's default N(0, 1)
+    assert torch.equal(emb.weight(), table)
+    rows = emb(ids)
+    assert torch.equal(rows[ids != 0], table[ids[ids != 0]]) and not rows[ids == 0].any()
+    assert torch.equal(emb.half()(ids), table[ids].half().masked_fill((ids == 0).unsqueeze(-1), 0))
+
+
+def test_exported_embeddings(zoo_models):
+    model, inputs = zoo_models["bert"]
+    names = ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"]
+    gm = seedrand.rewrite(model, {"seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs)
+    ref = copy.deepcopy(model)
+    for name in names:
+        layer, w = ref.get_submodule(name), gm.get_submodule(name).weight()
+        if layer.padding_idx is not None:
+            w[layer.padding_idx] = 0
+        layer.weight.data = w
+    with torch.no_grad():
+        torch.testing.assert_close(logits(gm(*inputs)), logits(ref(*inputs)), rtol=1e-5, atol=1e-5)
+
+
+def test_embedding_with_max_norm_is_refused():
+    model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0))
+    with pytest.raises(PolicyError, match=r"'0' \(Embedding\): random cannot regenerate an embedding with max_norm"):
+        seedrand.rewrite(model, {"rules": [{"match": {"types": ["Embedding"]}, "random": {}}]}, torch.zeros(2, 3).long())

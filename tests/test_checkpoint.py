@@ -1,0 +1,113 @@
+"""seedrand.save / seedrand.load and the state_dict of rewritten models: bit-identical round trips, weights_only
+torch.load, fingerprints that catch regenerated tensors that would change."""
+
+import pytest
+import torch
+from conftest import all_layers, logits
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+import seedrand
+from seedrand import SeedrandError
+
+MIXED = {"seed": 9, "rules": [
+    {"match": {"modules": ["emb", "fc"]}, "random": {"bias": "random"}},
+    {"match": {"modules": ["proj", "conv1"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
+    {"match": {"modules": ["conv2"]}, "freeze_fraction": {"fraction": 0.5, "fixed": "keep", "dim": "in"}},
+    {"match": {"modules": ["conv3"]}, "insert_random": {"residual": True, "scale": "per_channel"}},
+]}
+
+
+def trained(model, policy, inputs, steps=2):
+    gm = seedrand.rewrite(model, policy, inputs).train()
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    for _ in range(steps):
+        opt.zero_grad()
+        logits(gm(*inputs)).float().square().mean().backward()
+        opt.step()
+    return gm.eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_save_load_round_trip_is_bit_identical(tmp_path, dtype):
+    model, inputs = all_layers(dtype)
+    gm = trained(model, MIXED, inputs)
+    seedrand.save(gm, tmp_path / "m.safetensors")
+    fresh, _ = all_layers(dtype)
+    with torch.no_grad():
+        for p in fresh.parameters():
+            p.zero_()  # the architecture's own weights must not matter
+    loaded = seedrand.load(tmp_path / "m.safetensors", fresh)
+    assert not loaded.training
+    assert torch.equal(loaded(*inputs), gm(*inputs))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), gm.state_dict().values()))
+
+
+def test_exported_model_round_trip_uses_saved_inputs(zoo_models, tmp_path):
+    model, inputs = zoo_models["gpt2"]
+    policy = {"seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}},
+                                   {"match": {"modules": ["transformer.wpe"]}, "freeze_fraction": {"fraction": 0.5}}]}
+    gm = trained(model, policy, inputs, steps=1)
+    seedrand.save(gm, tmp_path / "g.safetensors")  # lm_head and wte are tied: written once
+    loaded = seedrand.load(tmp_path / "g.safetensors", model)
+    assert torch.equal(logits(loaded(*inputs)), logits(gm(*inputs)))
+
+
+def test_state_dict_survives_weights_only_torch_load(tmp_path):
+    model, inputs = all_layers()
+    gm = trained(model, MIXED, inputs)
+    torch.save(gm.state_dict(), tmp_path / "s.pt")
+    state = torch.load(tmp_path / "s.pt", weights_only=True)
+    other = seedrand.rewrite(model, MIXED, inputs)
+    other.load_state_dict(state)
+    assert torch.equal(other.eval()(*inputs), gm(*inputs))
+
+
+def test_random_layers_adopt_the_saved_seeds():
+    model, inputs = all_layers()
+    policy = {"seed": 1, "rules": MIXED["rules"][:1]}
+    gm = seedrand.rewrite(model, policy, inputs)
+    other = seedrand.rewrite(model, {**policy, "seed": 2}, inputs)
+    assert not torch.equal(other(*inputs), gm(*inputs))
+    other.load_state_dict(gm.state_dict())
+    assert torch.equal(other(*inputs), gm(*inputs)) and other.emb.seed == gm.emb.seed
+
+
+def test_another_selection_seed_is_caught():
+    model, inputs = all_layers()
+    state = seedrand.rewrite(model, MIXED, inputs).state_dict()
+    with pytest.raises(RuntimeError, match="proj.weight.frozen: fingerprint mismatch"):
+        seedrand.rewrite(model, {**MIXED, "seed": 123}, inputs).load_state_dict(state)  # other frozen filters
+
+
+def test_fingerprint_mismatch_is_an_error(tmp_path):
+    model, inputs = all_layers()
+    gm = seedrand.rewrite(model, MIXED, inputs)
+    path = tmp_path / "m.safetensors"
+    seedrand.save(gm, path)
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    tensors["emb.weight_fingerprint"] = tensors["emb.weight_fingerprint"] + 1e-3
+    save_file(tensors, path, metadata=metadata)
+    with pytest.raises(SeedrandError, match="emb.weight: fingerprint mismatch"):
+        seedrand.load(path, model)
+    state = gm.state_dict()
+    state["fc.weight_seed"] += 1  # a seed whose values differ from the fingerprint
+    with pytest.raises(RuntimeError, match="fc.weight: fingerprint mismatch"):
+        seedrand.rewrite(model, MIXED, inputs).load_state_dict(state)
+
+
+def test_missing_seed_and_foreign_files_are_errors(tmp_path):
+    model, inputs = all_layers()
+    gm = seedrand.rewrite(model, MIXED, inputs)
+    state = gm.state_dict()
+    del state["fc.weight_seed"]
+    with pytest.raises(RuntimeError, match="Missing key.*fc.weight_seed"):
+        seedrand.rewrite(model, MIXED, inputs).load_state_dict(state)
+    save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
+    with pytest.raises(SeedrandError, match="not a seedrand checkpoint"):
+        seedrand.load(tmp_path / "other.safetensors", model)
+    with pytest.raises(SeedrandError, match="needs a model returned by seedrand.rewrite"):
+        seedrand.save(model, tmp_path / "plain.safetensors")
+    assert not (tmp_path / "plain.safetensors").exists()
