@@ -106,3 +106,30 @@ def test_backend_policy_errors_are_strict(zoo_models):
     policy = {"rules": [{"name": "typo", "match": {"modules": ["conv_1"]}, "freeze": {}}]}
     with pytest.raises(Exception, match=r"rule 'typo' \(rules\[0\]\).*did you mean 'conv1'"):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
+
+
+def test_inspect_counts_regenerated_weights_of_the_random_example():
+    out = run("-m", "seedrand.cli", "inspect", "examples/policies/gpt2_random_mlp.yaml", "--model",
+              "seedrand.zoo:gpt2", "--json").stdout
+    report = json.loads(out)
+    random_rows = [r for r in report["rows"] if "random" in r["actions"]]
+    assert len(random_rows) == 4 and all(r["counts"]["regenerated"] > 0 for r in random_rows)
+    assert all(r["counts"]["frozen"] == 0 for r in random_rows)  # nothing of them is stored
+
+
+def test_backend_compiles_every_weight_action_and_trains():
+    import seedrand
+    from conftest import all_layers
+
+    model, inputs = all_layers()
+    policy = {"seed": 3, "rules": [
+        {"match": {"modules": ["emb", "conv1"]}, "random": {"bias": "trainable"}},
+        {"match": {"modules": ["fc", "proj", "conv3"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
+        {"match": {"modules": ["conv2"]}, "insert_random": {"residual": True, "scale": "scalar"}}]}
+    gm = seedrand.rewrite(model, policy, inputs).train()
+    torch._dynamo.reset()
+    compiled = torch.compile(gm, backend="seedrand")
+    torch.testing.assert_close(compiled(*inputs), gm(*inputs), rtol=1e-5, atol=1e-6)
+    compiled(*inputs).square().mean().backward()
+    grads = [p.grad for p in gm.parameters() if p.requires_grad]
+    assert grads and all(g is not None for g in grads)
