@@ -51,7 +51,8 @@ class Summary:
 
     Attributes:
         rows: one per module a rule selected, in the order the passes ran.
-        total: over the whole model (parameters deduplicated; buffers are not parameters and are not counted).
+        total: over the whole model (parameters deduplicated; buffers are not counted, except the frozen weight
+            slices seedrand modules keep, counted as frozen).
         unaccounted_trainable: trainable parameter elements owned by no selected module.
         strategy: how the model was traced, or ``None`` for a model seedrand did not rewrite.
     """
@@ -108,11 +109,38 @@ def _regenerated(module: nn.Module) -> list[tuple[int, int]]:
     return [(t.numel(), t.numel() * t.element_size()) for t in report().values()] if callable(report) else []
 
 
+def _stored_frozen_buffers(module: nn.Module) -> list[torch.Tensor]:
+    """Persistent buffers of a seedrand module: frozen weight slices it keeps (``freeze_fraction`` with ``keep``)."""
+    if not callable(getattr(module, "seedrand_regenerated", None)):
+        return []
+    return [b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
+
+
 def _count(params, counts: Counts, seen: set[int]) -> None:
     for p in params:
         if id(p) not in seen:
             seen.add(id(p))
             counts.add("trainable" if p.requires_grad else "frozen", p.numel(), p.numel() * p.element_size())
+
+
+def _account(module: nn.Module, counts: Counts, seen: set[int]) -> None:
+    """Add what seedrand ``module`` regenerates and the frozen slices it stores; its parameters are counted apart."""
+    for numel, nbytes in _regenerated(module):
+        counts.add("regenerated", numel, nbytes)
+    for b in _stored_frozen_buffers(module):
+        if id(b) not in seen:
+            seen.add(id(b))
+            counts.add("frozen", b.numel(), b.numel() * b.element_size())
+
+
+def _row_modules(model: nn.Module, qualname: str) -> list[nn.Module]:
+    """The module ``qualname`` and the seedrand modules a pass installed as its children (``weight``/``bias``
+    assemblers of ``freeze_fraction``); exported graphs keep only modules that own tensors."""
+    try:
+        module = model.get_submodule(qualname)
+    except AttributeError:
+        return []
+    return [module, *(getattr(module, n) for n in ("weight", "bias") if isinstance(getattr(module, n, None), nn.Module))]
 
 
 def summary(model: nn.Module) -> Summary:
@@ -139,24 +167,20 @@ def summary(model: nn.Module) -> Summary:
             row = by_module.get(t.qualname)
             if row is None:
                 row = by_module[t.qualname] = Row(t.qualname, t.cls.__name__, [], [], Counts())
-                _count((p for _, p in own_parameters(model, t.qualname)), row.counts, set())
-                for numel, nbytes in _regenerated(_submodule(model, t.qualname)):
-                    row.counts.add("regenerated", numel, nbytes)
-                owned |= {id(p) for _, p in own_parameters(model, t.qualname)}
+                modules = _row_modules(model, t.qualname)
+                params = [p for _, p in own_parameters(model, t.qualname)]
+                params += [p for m in modules[1:] for p in m.parameters()]
+                _count(params, row.counts, set())
+                for m in modules:
+                    _account(m, row.counts, set())
+                owned |= {id(p) for p in params}
             row.rules.append(t.rule.name or t.rule.label)
             row.actions.append(t.rule.action)
         result.rows = list(by_module.values())
     _count(model.parameters(), result.total, set())
+    seen_buffers: set[int] = set()
     for m in model.modules():
-        for numel, nbytes in _regenerated(m):
-            result.total.add("regenerated", numel, nbytes)
+        _account(m, result.total, seen_buffers)
     result.unaccounted_trainable = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values()
                                        if p.requires_grad and id(p) not in owned)
     return result
-
-
-def _submodule(model: nn.Module, qualname: str) -> nn.Module | None:
-    try:
-        return model.get_submodule(qualname)
-    except AttributeError:
-        return None  # exported graphs keep only modules that own tensors

@@ -161,3 +161,12 @@ def test_init_sets_the_frozen_distribution():
     frozen = gm.get_submodule("fc.weight")()[:10]
     assert frozen.abs().max() <= 0.001 and frozen.abs().max() > 0.0005
     assert math.isclose(gm.get_submodule("fc.weight").streams["frozen"].scale, 0.001)
+
+
+@pytest.mark.parametrize("fixed,kind", [("random", "regenerated"), ("keep", "frozen"), ("zero", None)])
+def test_summary_rows_count_the_slices(fixed, kind):
+    model, inputs = all_layers()
+    row = seedrand.summary(seedrand.rewrite(model, policy(["fc"], 0.5, fixed=fixed), inputs)).rows[0]
+    assert row.module == "fc" and row.counts.trainable == 6 * 8 + 6
+    assert row.counts.regenerated == (6 * 8 + 6 if kind == "regenerated" else 0)
+    assert row.counts.frozen == (6 * 8 + 6 if kind == "frozen" else 0)
