@@ -1,5 +1,7 @@
-"""One module per policy action. A pass is ``fn(gm, target) -> None``: it rewrites the GraphModule ``gm`` for one
-:class:`~seedrand.rewriter.match.Target` (module, rule), using nothing but its arguments."""
+"""One module per policy action. A pass is ``fn(gm, targets) -> None``: it rewrites the GraphModule ``gm`` for one
+rule, given the :class:`~seedrand.rewriter.match.Target` (module, rule) pairs it selected in model order, using
+nothing but its arguments. Actions that treat each module on its own are written per module and applied in turn
+(:func:`per_module`); an action whose modules share state (``subspace`` with ``scope: global``) takes them all."""
 
 from __future__ import annotations
 
@@ -13,13 +15,23 @@ from .freeze_fraction import freeze_fraction
 from .insert_random import insert_random
 from .random import random
 
-__all__ = ["PASSES", "CAPTURED_PASSES"]
+__all__ = ["PASSES", "CAPTURED_PASSES", "per_module"]
 
-PASSES: dict[str, Callable[[fx.GraphModule, Target], None]] = {
-    "freeze": freeze,
-    "freeze_fraction": freeze_fraction,
-    "insert_random": insert_random,
-    "random": random,
+
+def per_module(fn: Callable[[fx.GraphModule, Target], None]) -> Callable[[fx.GraphModule, list[Target]], None]:
+    """The rule-level pass that applies the per-module pass ``fn`` to each target in order."""
+    def apply(gm: fx.GraphModule, targets: list[Target]) -> None:
+        for target in targets:
+            fn(gm, target)
+    apply.__doc__ = fn.__doc__
+    return apply
+
+
+PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
+    "freeze": per_module(freeze),
+    "freeze_fraction": per_module(freeze_fraction),
+    "insert_random": per_module(insert_random),
+    "random": per_module(random),
 }
 
 # The same actions on graphs Dynamo captured for the ``seedrand`` backend: ``fn(gm, target, parameters)`` where

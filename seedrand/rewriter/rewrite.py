@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import itertools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
@@ -79,8 +80,9 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     model = copy.deepcopy(model)
     targets = resolve(policy, model)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs)
-    for target in targets:
-        PASSES[target.rule.action](gm, target)
+    for _, group in itertools.groupby(targets, key=lambda t: id(t.rule)):  # resolve lists them rule by rule
+        group = list(group)
+        PASSES[group[0].rule.action](gm, group)
     gm.graph.lint()
     gm.recompile()
     gm.meta[RECORD_KEY] = RewriteRecord(policy, targets, info, example_inputs)
