@@ -100,6 +100,9 @@ class Subspace(_Strict):
     def _density_only_for_very_sparse(self):
         if self.density is not None and self.projection != "very_sparse":
             raise ValueError(f"density applies to projection: very_sparse only, not {self.projection}")
+        if self.normalize and self.projection in ("orthogonal", "fastfood"):
+            raise ValueError(f"normalize applies to gaussian, sparse and very_sparse projections; {self.projection} "
+                             "columns already have unit norm")
         return self
 
 

@@ -14,6 +14,7 @@ from .freeze import freeze, freeze_captured
 from .freeze_fraction import freeze_fraction
 from .insert_random import insert_random
 from .random import random
+from .subspace import subspace
 
 __all__ = ["PASSES", "CAPTURED_PASSES", "per_module"]
 
@@ -32,6 +33,7 @@ PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
     "freeze_fraction": per_module(freeze_fraction),
     "insert_random": per_module(insert_random),
     "random": per_module(random),
+    "subspace": subspace,
 }
 
 # The same actions on graphs Dynamo captured for the ``seedrand`` backend: ``fn(gm, target, parameters)`` where

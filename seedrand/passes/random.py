@@ -133,14 +133,13 @@ class RandomEmbedding(_RandomLayer):
         super().__init__((num_embeddings, embedding_dim), embedding_dim, num_embeddings, seed, init, None)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
-        # an empty tensor, so .to(dtype/device) and .half() reach the output's dtype
-        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
+        self.register_dtype(dtype)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         stream = self.streams["weight"]
         offsets = indices.unsqueeze(-1) * self.embedding_dim + torch.arange(self.embedding_dim,
                                                                             device=indices.device)
-        rows = sample_at(stream.seed, offsets, stream.kind, stream.scale, self.dtype_probe.dtype)
+        rows = sample_at(stream.seed, offsets, stream.kind, stream.scale, self.dtype)
         if self.padding_idx is None:
             return rows
         return rows.masked_fill((indices == self.padding_idx).unsqueeze(-1), 0.0)

@@ -50,6 +50,16 @@ class Regenerating(nn.Module):
         super().__init__()
         self.streams: dict[str, Stream] = {}
 
+    def register_dtype(self, dtype: torch.dtype) -> None:
+        """Remember ``dtype`` as the dtype of what this module produces, in an empty buffer so that
+        ``module.to(dtype)``, ``.half()`` and ``.to(device)`` update it like a stored tensor's (read :attr:`dtype`)."""
+        self.register_buffer("dtype_probe", torch.empty(0, dtype=dtype), persistent=False)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype given to :meth:`register_dtype`, as converted since."""
+        return self.dtype_probe.dtype
+
     def offsets(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The Philox counters of stream ``name``'s elements: int64, its shape."""
         stream = self.streams[name]

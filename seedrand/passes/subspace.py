@@ -1,0 +1,173 @@
+"""The ``subspace`` action: train the matched modules' parameters in a random subspace, ``theta = theta0 + P @
+theta_d`` (Li et al. 2018, "Measuring the intrinsic dimension of objective landscapes"; paper 003: per-layer
+``K = P W``).
+
+Every parameter the matched module owns directly (weight and bias alike, in ``named_parameters`` order) is a slice of
+the flat ``theta`` of its group: one group per module (``scope: per_layer``, paper 003) or one for all modules the rule
+matched (``scope: global``, Li et al.). A group's :class:`SubspaceCoordinates` holds ``theta_d`` (``(dim,)``, zero at
+start, so the model starts exactly at ``theta0``: the only trainable tensor) and regenerates the ``D x dim``
+projection ``P`` (``seedrand.kernels.projection``; Philox key ``derive_seed(seed, group, "projection")``) on every
+use, never storing it. With ``normalize: true`` its columns are rescaled to unit norm exactly. ``theta0`` is the
+parameters' current values (``keep``, stored as buffers) or the init the ``random`` action would regenerate
+(``random``: weight as ``random`` with the layer's own init, bias ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``; never
+stored). Groups live at ``{module}.subspace`` (per layer) or ``subspace_{rule index}`` (global); each parameter is
+replaced by a :class:`SubspaceTensor` computing its slice.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..kernels.init import init_distribution
+from ..kernels.philox import derive_seed
+from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, project
+from ..rewriter.graph import inline_module, install, own_parameters
+from ..rewriter.match import Target
+from .layout import layout
+from .regenerated import FINGERPRINT_SIZE, Regenerating, Stream
+
+__all__ = ["SubspaceCoordinates", "SubspaceTensor", "subspace"]
+
+
+class SubspaceCoordinates(Regenerating):
+    """``theta_d`` and the projection ``P`` of one group; ``forward()`` returns ``P @ theta_d``, ``(D,)`` float32.
+
+    Args:
+        dim: ``d``, the subspace dimension.
+        rows: ``D``, the number of parameters of the group.
+        seed: ``P``'s Philox key.
+        projection: one of ``seedrand.kernels.projection.PROJECTIONS``.
+        density: ``very_sparse`` only (default ``1/sqrt(D)``).
+        normalize: rescale ``P``'s columns to unit norm (``gaussian``, ``sparse``, ``very_sparse``).
+        chunk_bytes: bytes of ``P`` regenerated at a time.
+
+    ``state_dict`` holds ``theta_d`` and ``projection_seed`` / ``projection_fingerprint`` (the first 16 entries of
+    ``P @ ones(d)``).
+    """
+
+    def __init__(self, dim: int, rows: int, seed: int, projection: str, density: Optional[float], normalize: bool,
+                 chunk_bytes: int = DEFAULT_CHUNK_BYTES):
+        super().__init__()
+        self.theta_d = nn.Parameter(torch.zeros(dim))
+        self.rows, self.projection, self.density, self.chunk_bytes = rows, projection, density, chunk_bytes
+        self.streams["projection"] = Stream(seed, projection, 1.0, (rows, dim))
+        norms = column_norms(seed, rows, dim, projection, density, chunk_bytes) if normalize else None
+        self.register_buffer("column_scale", None if norms is None else 1 / norms.clamp_min(1e-30), persistent=False)
+
+    def fingerprint(self, name: str) -> torch.Tensor:
+        """The first ``FINGERPRINT_SIZE`` entries of ``P @ ones(d)`` (cheap: one block of ``P``)."""
+        stream = self.streams[name]
+        return leading_rows(stream.seed, self.rows, stream.shape[1], self.projection, self.density, FINGERPRINT_SIZE)
+
+    def forward(self) -> torch.Tensor:
+        theta_d = self.theta_d if self.column_scale is None else self.theta_d * self.column_scale
+        return project(theta_d, self.streams["projection"].seed, self.rows, self.projection, self.density,
+                       self.chunk_bytes)
+
+    def extra_repr(self) -> str:
+        return f"D={self.rows}, d={self.theta_d.shape[0]}, projection={self.projection}"
+
+
+class SubspaceTensor(Regenerating):
+    """One parameter as ``theta0 + delta[start:start + numel].view(shape)``, ``delta`` the group's ``P @ theta_d``.
+
+    Args:
+        shape, dtype: the parameter's.
+        start: its first row in the group's ``P``.
+        theta0: the stored starting value (``keep``), or ``None`` with ``stream`` (``random``).
+        stream: the regenerated ``theta0`` (element ``j`` at Philox counter ``j``).
+
+    ``forward(delta)``: ``delta`` ``(D,)`` float32 -> the parameter, ``shape`` and ``dtype``.
+    """
+
+    def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, start: int, theta0: Optional[torch.Tensor],
+                 stream: Optional[Stream] = None):
+        super().__init__()
+        self.shape, self.start = tuple(shape), start
+        self.register_dtype(dtype)
+        self.register_buffer("theta0", None if theta0 is None else theta0.detach().clone())
+        if theta0 is None:
+            self.streams["theta0"] = stream
+
+    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+        theta0 = self.theta0 if self.theta0 is not None else self.regenerate("theta0", self.dtype, delta.device)
+        step = delta[self.start:self.start + math.prod(self.shape)].view(self.shape)
+        return theta0 + step.to(self.dtype)
+
+
+def _theta0_stream(gm: fx.GraphModule, target: Target, name: str, shape: tuple[int, ...]) -> Stream:
+    """The regenerated ``theta0`` of parameter ``name`` (``theta0: random``): the ``random`` action's init."""
+    lay = layout(gm, target)
+    if name == "weight":
+        kind, scale = init_distribution(lay.init(None), lay.fan_in, lay.fan_out)
+    elif name == "bias":
+        kind, scale = "uniform", 1 / math.sqrt(lay.fan_in)
+    else:
+        raise target.error(f"theta0: random regenerates weight and bias only, not parameter {name!r}")
+    if name == "weight" and lay.transposed:
+        raise target.error("theta0: random does not support transformers Conv1D (its weight is stored transposed); "
+                           "use theta0: keep")
+    return Stream(derive_seed(target.seed, target.qualname, name), kind, scale, shape)
+
+
+def _group(gm: fx.GraphModule, targets: list[Target], name: str) -> None:
+    """Rewrite the parameters of ``targets`` into one subspace group installed at ``name``."""
+    p = targets[0].rule.params
+    members = []  # (target, parameter name, parameter, first row)
+    rows = 0
+    for target in targets:
+        owned = own_parameters(gm, target.qualname)
+        if not owned:
+            raise target.error("subspace needs parameters the module owns directly; it has none in the traced graph")
+        for full_name, param in owned:
+            members.append((target, full_name.rpartition(".")[2], param, rows))
+            rows += param.numel()
+    if p.projection in ("orthogonal", "fastfood") and p.dim > rows:
+        raise targets[0].error(f"projection {p.projection} needs dim <= D, the number of parameters "
+                               f"({rows}); dim is {p.dim}")
+    coordinates = SubspaceCoordinates(p.dim, rows, derive_seed(targets[0].seed, name, "projection"), p.projection,
+                                      p.density, p.normalize)
+    tensors = {}
+    for target, pname, param, start in members:
+        stream = _theta0_stream(gm, target, pname, tuple(param.shape)) if p.theta0 == "random" else None
+        tensors[(target.qualname, pname)] = SubspaceTensor(param.shape, param.dtype, start,
+                                                          param if p.theta0 == "keep" else None, stream)
+    for target in targets:
+        inline_module(gm, target.qualname)
+    install(gm, name, coordinates)
+    readers = {key: [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{key[0]}.{key[1]}"]
+               for key in tensors}
+    first = next((n for n in gm.graph.nodes if any(n in r for r in readers.values())), None)
+    if first is None:
+        raise targets[0].error("the traced forward never reads the parameters of the modules this rule selected")
+    with gm.graph.inserting_before(first):
+        delta = gm.graph.call_module(name)
+    for (qualname, pname), module in tensors.items():
+        install(gm, f"{qualname}.{pname}", module)
+        for node in readers[(qualname, pname)]:
+            with gm.graph.inserting_before(node):
+                value = gm.graph.call_module(f"{qualname}.{pname}", (delta,))
+            value.meta = dict(node.meta)
+            node.replace_all_uses_with(value)
+            gm.graph.erase_node(node)
+
+
+def subspace(gm: fx.GraphModule, targets: list[Target]) -> None:
+    """Reparametrize the modules of one ``subspace`` rule (see the module docstring).
+
+    Raises:
+        PolicyError: a module owns no parameters, ``dim`` exceeds ``D`` for ``orthogonal``/``fastfood``, or
+            ``theta0: random`` on a layer type without a known init (names the module, the rule and its YAML line).
+    """
+    if targets[0].rule.params.scope == "global":
+        _group(gm, targets, f"subspace_{targets[0].rule._index}")
+        return
+    for target in targets:
+        if not target.qualname:
+            raise target.error("subspace with scope: per_layer needs a submodule, not the root (use scope: global)")
+        _group(gm, [target], f"{target.qualname}.subspace")
