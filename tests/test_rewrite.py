@@ -142,8 +142,8 @@ def test_graph_that_branches_on_training_is_locked_to_its_mode():
 
 def test_unimplemented_action_is_a_clear_error(zoo_models):
     model, inputs = zoo_models["mlp"]
-    policy = {"rules": [{"name": "sub", "match": {"types": ["Linear"]}, "subspace": {"dim": 8}}]}
-    with pytest.raises(PolicyError, match=r"rule 'sub' \(rules\[0\]\): action subspace is not implemented"):
+    policy = {"rules": [{"name": "gates", "match": {"types": ["Linear"]}, "filter_gates": {}}]}
+    with pytest.raises(PolicyError, match=r"rule 'gates' \(rules\[0\]\): action filter_gates is not implemented"):
         seedrand.rewrite(model, policy, inputs)
 
 
