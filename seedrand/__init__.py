@@ -1,17 +1,19 @@
 """seedrand: a graph-rewriting compiler pass that applies YAML policies (freeze fractions of filters, random layers
 regenerated from Philox seeds, filter gates, subspace training) to existing PyTorch models.
 
-Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`; errors in
+Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`,
+:func:`intrinsic_dimension`; errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
 """
 
 from .checkpoint import load, save
 from .errors import PolicyError, SeedrandError, TraceError
+from .intrinsic import intrinsic_dimension
 from .policy import Policy, load_policy
 from .rewriter import rewrite
 from .summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "PolicyError", "SeedrandError",
-           "TraceError", "__version__"]
+__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "intrinsic_dimension", "PolicyError",
+           "SeedrandError", "TraceError", "__version__"]

@@ -1,4 +1,5 @@
-"""The ``seedrand`` command line: ``seedrand inspect POLICY --model MODULE:FACTORY [--json]``."""
+"""The ``seedrand`` command line: ``seedrand inspect POLICY --model MODULE:FACTORY [--json]`` and
+``seedrand intrinsic-dimension --task MODULE:FACTORY --dims 10,100,... [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -15,16 +16,19 @@ from .errors import SeedrandError
 __all__ = ["main"]
 
 
-def _load_factory(spec: str):
+def _import(spec: str, option: str, example: str):
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
-        raise SeedrandError(f"--model takes MODULE:FACTORY (e.g. seedrand.zoo:gpt2), got {spec!r}")
+        raise SeedrandError(f"{option} takes MODULE:FACTORY (e.g. {example}), got {spec!r}")
     sys.path.insert(0, ".")  # so `examples.models:make` works from the repository root
     try:
-        factory = getattr(importlib.import_module(module_name), attr)
+        return getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as e:
-        raise SeedrandError(f"cannot load model factory {spec!r}: {e}") from None
-    built = factory()
+        raise SeedrandError(f"cannot load {spec!r}: {e}") from None
+
+
+def _load_factory(spec: str):
+    built = _import(spec, "--model", "seedrand.zoo:gpt2")()
     model, inputs = built if isinstance(built, tuple) else (built, None)
     if not isinstance(model, nn.Module):
         raise SeedrandError(f"{spec} returned {type(model).__name__}, not an nn.Module (or (module, inputs))")
@@ -43,6 +47,31 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _intrinsic_dimension(args: argparse.Namespace) -> int:
+    from rich.table import Table
+
+    from .intrinsic import intrinsic_dimension
+
+    try:
+        dims = [int(d) for d in args.dims.split(",")]
+    except ValueError:
+        raise SeedrandError(f"--dims takes comma-separated integers, got {args.dims!r}") from None
+    task = _import(args.task, "--task", "seedrand.zoo:digits_task")()
+    result = intrinsic_dimension(task, dims, args.threshold, args.projection, args.seed, args.out)
+    table = Table(title=f"intrinsic dimension ({args.projection}); direct training: {result.baseline:.4f}")
+    for col in ("d", "score", "of direct"):
+        table.add_column(col, justify="right")
+    for d, score in zip(result.dims, result.scores):
+        table.add_row(str(d), f"{score:.4f}", f"{score / result.baseline:.1%}")
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(table)
+    name = f"d{round(100 * result.threshold)}"
+    console.print(f"{name} = {result.d_threshold}" if result.d_threshold else f"{name}: not reached; try larger dims")
+    if result.csv_path:
+        console.print(f"wrote {result.csv_path} and {result.plot_path}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``seedrand`` console script. Returns the exit code: 0 on success, 2 on bad input."""
     parser = argparse.ArgumentParser(prog="seedrand", description="Apply seed-regenerated-weight policies to "
@@ -54,6 +83,16 @@ def main(argv: list[str] | None = None) -> int:
                    "e.g. seedrand.zoo:gpt2")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("intrinsic-dimension", help="sweep subspace dimensions d and report d90 (Li et al. 2018)")
+    p.add_argument("--task", default="seedrand.zoo:digits_task", help="MODULE:FACTORY returning a "
+                   "seedrand.intrinsic.Task (default: an MLP on scikit-learn digits)")
+    p.add_argument("--dims", default="10,25,50,100,200,400,800", help="comma-separated subspace dimensions")
+    p.add_argument("--threshold", type=float, default=0.9, help="fraction of the direct-training score")
+    p.add_argument("--projection", default="fastfood", choices=["gaussian", "orthogonal", "sparse", "very_sparse",
+                                                                 "fastfood"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", help="directory for intrinsic_dimension.csv and intrinsic_dimension.png")
+    p.set_defaults(run=_intrinsic_dimension)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

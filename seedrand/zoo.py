@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES"]
+__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES", "digits_task"]
 
 
 def _inputs(*shape: int) -> tuple[torch.Tensor]:
@@ -97,3 +97,38 @@ def bert() -> tuple[nn.Module, tuple]:
 
 
 FACTORIES = {f.__name__: f for f in (mlp, cnn, resnet, mobilenet_v2, vit, gpt2, bert)}
+
+
+def digits_task(hidden: int = 100, steps: int = 300, lr: float = 1e-2):
+    """scikit-learn's bundled digits (8x8 images, 10 classes; no download) and an MLP ``64-hidden-hidden-10``, as a
+    :class:`seedrand.intrinsic.Task`: full-batch Adam for ``steps`` steps on a fixed 75/25 split (inputs scaled to
+    [0, 1]); the score is test accuracy. Everything is deterministic and leaves the global RNG alone."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    from .intrinsic import Task
+
+    data = load_digits()
+    x_train, x_test, y_train, y_test = train_test_split(data.data / 16.0, data.target, test_size=0.25, random_state=0,
+                                                        stratify=data.target)
+    x_train, x_test = torch.tensor(x_train, dtype=torch.float32), torch.tensor(x_test, dtype=torch.float32)
+    y_train, y_test = torch.tensor(y_train), torch.tensor(y_test)
+
+    def factory() -> nn.Module:
+        return _seeded(lambda: nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                             nn.Linear(hidden, 10)))
+
+    def train(model: nn.Module) -> None:
+        model.train()
+        optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=lr)
+        for _ in range(steps):
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x_train), y_train).backward()
+            optimizer.step()
+        model.eval()
+
+    def evaluate(model: nn.Module) -> float:
+        with torch.no_grad():
+            return (model(x_test).argmax(-1) == y_test).float().mean().item()
+
+    return Task(factory, train, evaluate, (x_train[:2],))

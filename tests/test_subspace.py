@@ -165,3 +165,34 @@ def test_installed_modules():
     gm = seedrand.rewrite(model, policy(["emb"], dim=2), inputs)
     assert isinstance(gm.get_submodule("emb.weight"), SubspaceTensor)
     assert isinstance(gm.get_submodule("emb.subspace"), SubspaceCoordinates)
+
+
+def test_intrinsic_dimension_sweep_writes_csv_and_plot(tmp_path):
+    import csv
+
+    from seedrand import zoo
+    from seedrand.intrinsic import intrinsic_dimension
+
+    result = intrinsic_dimension(zoo.digits_task(hidden=32, steps=60), [4, 300], out_dir=tmp_path)
+    assert result.baseline > 0.8  # direct training works on digits
+    assert result.scores[1] > result.scores[0] + 0.2  # more dimensions, better accuracy
+    assert result.d_threshold == next((d for d, s in zip(result.dims, result.scores)
+                                       if s >= 0.9 * result.baseline), None)
+    rows = list(csv.DictReader(open(result.csv_path)))
+    assert [int(r["d"]) for r in rows] == [4, 300] and float(rows[1]["score"]) == pytest.approx(result.scores[1])
+    assert result.plot_path.stat().st_size > 10_000  # a PNG was drawn
+
+
+def test_intrinsic_dimension_cli(tmp_path):
+    from seedrand.cli import main
+
+    assert main(["intrinsic-dimension", "--task", "tests.test_subspace:tiny_task", "--dims", "2,8",
+                 "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "intrinsic_dimension.csv").exists() and (tmp_path / "intrinsic_dimension.png").exists()
+    assert main(["intrinsic-dimension", "--dims", "ten"]) == 2
+
+
+def tiny_task():
+    from seedrand import zoo
+
+    return zoo.digits_task(hidden=8, steps=5)
