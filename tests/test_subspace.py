@@ -196,3 +196,17 @@ def tiny_task():
     from seedrand import zoo
 
     return zoo.digits_task(hidden=8, steps=5)
+
+
+def test_custom_op_registrations_and_compile():
+    x = torch.randn(5)
+    torch.library.opcheck(torch.ops.seedrand.subspace_project.default, (x, 3, 30, 5, "sparse", 0.3, False, 64))
+    model, inputs = all_layers()
+    for projection in ("gaussian", "fastfood"):
+        gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=4, projection=projection), inputs)
+        with torch.no_grad():
+            for name in ("fc", "conv2"):
+                gm.get_submodule(f"{name}.subspace").theta_d.normal_()
+        torch._dynamo.reset()
+        compiled = torch.compile(gm, backend="seedrand")
+        torch.testing.assert_close(compiled(*inputs), gm(*inputs), rtol=1e-5, atol=1e-6)
