@@ -16,7 +16,7 @@ import torch
 
 from .init import sample
 
-__all__ = ["regen_matmul", "regen_conv", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["regen_matmul", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
 # 256 KiB of float32 weight per block; the torch Philox path holds about 16 int64 temporaries per element while it
 # generates a block, so its transient memory is about 32 x this
@@ -74,17 +74,22 @@ def _(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes)
     return x.new_empty(*x.shape[:-1], in_features if transpose else out_features)
 
 
-def _setup_context(ctx, inputs, output):
-    _, ctx.seed, ctx.out_features, ctx.in_features, ctx.scale, ctx.normal, ctx.transpose, ctx.chunk_bytes = inputs
+def register_transposed_autograd(op, transpose_at: int) -> None:
+    """Register autograd for a custom op that is linear in its first input ``x`` and whose boolean argument number
+    ``transpose_at`` selects ``P`` or ``P^T``: the gradient is the same op on ``grad`` with that flag flipped, so
+    backward regenerates instead of saving (autograd keeps only the non-tensor arguments)."""
+    def setup_context(ctx, inputs, output):
+        ctx.args = list(inputs[1:])
+
+    def backward(ctx, grad):
+        args = list(ctx.args)
+        args[transpose_at - 1] = not args[transpose_at - 1]
+        return (op(grad.contiguous(), *args), *[None] * len(args))
+
+    op.register_autograd(backward, setup_context=setup_context)
 
 
-def _backward(ctx, grad):
-    grad_x = regen_matmul(grad.contiguous(), ctx.seed, ctx.out_features, ctx.in_features, ctx.scale, ctx.normal,
-                          not ctx.transpose, ctx.chunk_bytes)
-    return grad_x, None, None, None, None, None, None, None
-
-
-regen_matmul.register_autograd(_backward, setup_context=_setup_context)
+register_transposed_autograd(regen_matmul, 6)
 
 
 _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}

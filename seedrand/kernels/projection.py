@@ -32,6 +32,7 @@ import math
 import torch
 
 from . import philox
+from .ops import register_transposed_autograd
 
 __all__ = ["PROJECTIONS", "subspace_project", "fastfood", "project", "leading_rows", "column_norms",
            "DEFAULT_CHUNK_BYTES"]
@@ -98,17 +99,7 @@ def _(x, seed, rows, cols, kind, density, transpose, chunk_bytes):
     return x.new_empty(cols if transpose else rows)
 
 
-def _setup_context(ctx, inputs, output):
-    _, ctx.seed, ctx.rows, ctx.cols, ctx.kind, ctx.density, ctx.transpose, ctx.chunk_bytes = inputs
-
-
-def _backward(ctx, grad):
-    grad_x = subspace_project(grad.contiguous(), ctx.seed, ctx.rows, ctx.cols, ctx.kind, ctx.density,
-                              not ctx.transpose, ctx.chunk_bytes)
-    return grad_x, None, None, None, None, None, None, None
-
-
-subspace_project.register_autograd(_backward, setup_context=_setup_context)
+register_transposed_autograd(subspace_project, 6)
 
 
 def _hadamard(x: torch.Tensor) -> torch.Tensor:
