@@ -2,12 +2,13 @@
 regenerated from Philox seeds, filter gates, subspace training) to existing PyTorch models.
 
 Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`,
-:func:`intrinsic_dimension`; errors in
+:func:`export_onnx`, :func:`intrinsic_dimension`; errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
 """
 
 from .checkpoint import load, save
 from .errors import PolicyError, SeedrandError, TraceError
+from .export import export_onnx
 from .intrinsic import intrinsic_dimension
 from .policy import Policy, load_policy
 from .rewriter import rewrite
@@ -15,5 +16,5 @@ from .summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "intrinsic_dimension", "PolicyError",
+__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension", "PolicyError",
            "SeedrandError", "TraceError", "__version__"]

@@ -1,4 +1,5 @@
-"""The ``seedrand`` command line: ``seedrand inspect POLICY --model MODULE:FACTORY [--json]`` and
+"""The ``seedrand`` command line: ``seedrand inspect POLICY --model MODULE:FACTORY [--json]``,
+``seedrand export POLICY --model MODULE:FACTORY --out FILE.onnx [--weights seed|materialize]`` and
 ``seedrand intrinsic-dimension --task MODULE:FACTORY --dims 10,100,... [--out DIR]``."""
 
 from __future__ import annotations
@@ -47,6 +48,18 @@ def _inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _export(args: argparse.Namespace) -> int:
+    from . import rewrite
+    from .export import export_onnx
+
+    model, inputs = _load_factory(args.model)
+    if inputs is None:
+        raise SeedrandError(f"{args.model} must return (module, example_inputs): export needs example inputs")
+    report = export_onnx(rewrite(model, args.policy, inputs), inputs, args.out, weights=args.weights)
+    print(f"wrote {report.path}: {report.bytes:,} bytes (weights={report.weights}, opset {report.opset})")
+    return 0
+
+
 def _intrinsic_dimension(args: argparse.Namespace) -> int:
     from rich.table import Table
 
@@ -83,6 +96,13 @@ def main(argv: list[str] | None = None) -> int:
                    "e.g. seedrand.zoo:gpt2")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.set_defaults(run=_inspect)
+    p = sub.add_parser("export", help="rewrite a model with a policy and export it to ONNX")
+    p.add_argument("policy", help="YAML policy file")
+    p.add_argument("--model", required=True, help="MODULE:FACTORY returning (module, example_inputs)")
+    p.add_argument("--out", required=True, help="the .onnx file to write")
+    p.add_argument("--weights", default="seed", choices=["seed", "materialize"],
+                   help="seed: regenerate random weights inside the graph; materialize: store them")
+    p.set_defaults(run=_export)
     p = sub.add_parser("intrinsic-dimension", help="sweep subspace dimensions d and report d90 (Li et al. 2018)")
     p.add_argument("--task", default="seedrand.zoo:digits_task", help="MODULE:FACTORY returning a "
                    "seedrand.intrinsic.Task (default: an MLP on scikit-learn digits)")

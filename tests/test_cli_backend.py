@@ -133,3 +133,10 @@ def test_backend_compiles_every_weight_action_and_trains():
     compiled(*inputs).square().mean().backward()
     grads = [p.grad for p in gm.parameters() if p.requires_grad]
     assert grads and all(g is not None for g in grads)
+
+
+def test_readme_quickstart_runs():
+    out = run("examples/quickstart.py").stdout
+    sizes = {line.split(":")[0]: int(line.split(":")[1].split()[0].replace(",", "")) for line in out.splitlines()
+             if line.startswith(("seed:", "materialize:"))}
+    assert sizes["seed"] * 20 < sizes["materialize"]

@@ -34,7 +34,7 @@ import torch
 from . import philox
 from .ops import register_transposed_autograd
 
-__all__ = ["PROJECTIONS", "subspace_project", "fastfood", "project", "leading_rows", "column_norms",
+__all__ = ["PROJECTIONS", "subspace_project", "fastfood", "project", "leading_rows", "column_norms", "materialized",
            "DEFAULT_CHUNK_BYTES"]
 
 PROJECTIONS = ("gaussian", "orthogonal", "sparse", "very_sparse", "fastfood")
@@ -179,3 +179,15 @@ def column_norms(seed: int, rows: int, cols: int, kind: str, density: float | No
     for block in blocks:
         squares += _block(seed, kind, block, rows, cols, _density(rows, density), len(blocks)).double().square().sum(0)
     return squares.sqrt().float()
+
+
+def materialized(seed: int, rows: int, cols: int, kind: str, density: float | None = None) -> torch.Tensor:
+    """The whole ``rows x cols`` projection as one tensor of plain torch ops (for ONNX export, where the runtime
+    regenerates it; small sizes in tests). ``orthogonal`` needs a QR decomposition that ONNX lacks.
+
+    Raises:
+        ValueError: ``orthogonal`` or ``fastfood`` (not a dense block).
+    """
+    if kind in ("orthogonal", "fastfood"):
+        raise ValueError(f"projection {kind} has no dense plain-op form; export it with weights='materialize'")
+    return _block(seed, kind, range(0, rows), rows, cols, _density(rows, density), 1)

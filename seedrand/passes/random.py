@@ -82,8 +82,11 @@ class RandomLinear(_RandomLayer):
         self.in_features, self.out_features, self.chunk_bytes = in_features, out_features, chunk_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
-                         self.chunk_bytes)
+        if torch.onnx.is_in_onnx_export():  # plain torch ops the ONNX exporter translates (seedrand.export)
+            y = nn.functional.linear(x, self.weight(x.dtype, x.device))
+        else:
+            y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
+                             self.chunk_bytes)
         bias = self._bias(x.dtype, x.device)
         return y if bias is None else y + bias
 
@@ -107,8 +110,12 @@ class RandomConv(_RandomLayer):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = regen_conv(x, self.seed, list(self.weight_shape), *self._distribution(), list(self.stride),
-                       list(self.padding), list(self.dilation), self.groups)
+        if torch.onnx.is_in_onnx_export():  # plain torch ops the ONNX exporter translates (seedrand.export)
+            conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[len(self.weight_shape) - 3]
+            y = conv(x, self.weight(x.dtype, x.device), None, self.stride, self.padding, self.dilation, self.groups)
+        else:
+            y = regen_conv(x, self.seed, list(self.weight_shape), *self._distribution(), list(self.stride),
+                           list(self.padding), list(self.dilation), self.groups)
         bias = self._bias(x.dtype, x.device)
         return y if bias is None else y + bias.reshape(-1, *[1] * (y.dim() - 2))
 

@@ -25,7 +25,7 @@ import torch.nn as nn
 
 from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
-from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, project
+from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, materialized, project
 from ..rewriter.graph import inline_module, install, own_parameters
 from ..rewriter.match import Target
 from .layout import layout
@@ -66,8 +66,10 @@ class SubspaceCoordinates(Regenerating):
 
     def forward(self) -> torch.Tensor:
         theta_d = self.theta_d if self.column_scale is None else self.theta_d * self.column_scale
-        return project(theta_d, self.streams["projection"].seed, self.rows, self.projection, self.density,
-                       self.chunk_bytes)
+        seed = self.streams["projection"].seed
+        if torch.onnx.is_in_onnx_export() and self.projection != "fastfood":
+            return materialized(seed, self.rows, theta_d.shape[0], self.projection, self.density) @ theta_d
+        return project(theta_d, seed, self.rows, self.projection, self.density, self.chunk_bytes)
 
     def extra_repr(self) -> str:
         return f"D={self.rows}, d={self.theta_d.shape[0]}, projection={self.projection}"

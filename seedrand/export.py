@@ -1,0 +1,109 @@
+"""``seedrand.export_onnx``: a rewritten model as an ONNX file, on top of ``torch.onnx.export(..., dynamo=True)``.
+
+During ONNX export every seedrand module computes its regenerated tensors with plain torch ops (the Philox reference
+is int64 multiplies, shifts, masks and xors, which the exporter translates to standard ONNX ops and onnxruntime runs
+bit for bit; Box-Muller normals agree within about 1e-6), instead of its custom ops. Then:
+
+* ``weights="seed"``: nothing is folded, so the file holds the trainable and stored tensors plus the seeds as
+  constants; the runtime regenerates every random weight on each run. A model whose layers are mostly random is a
+  small fraction of its materialized size.
+* ``weights="materialize"``: every constant subgraph is folded (``onnxscript.optimizer`` with no size limit), so the
+  regenerated weights become ordinary initializers and the file runs anywhere, at full size.
+
+The ``orthogonal`` subspace projection (a QR decomposition, which ONNX lacks) cannot be exported.
+"""
+
+from __future__ import annotations
+
+import re
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import onnx
+import onnxscript.optimizer
+import torch
+import torch.nn as nn
+
+from .errors import SeedrandError
+
+__all__ = ["export_onnx", "OnnxExport"]
+
+_NO_LIMIT = 2**62
+
+
+@dataclass
+class OnnxExport:
+    """What :func:`export_onnx` wrote: ``path``, its size in ``bytes``, the ``weights`` mode and the ``opset``."""
+
+    path: Path
+    bytes: int
+    weights: str
+    opset: int
+
+
+def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[str, Path], *,
+                weights: str = "seed", opset: int = 18) -> OnnxExport:
+    """Export ``model`` (in eval mode) to ONNX at ``path`` (see the module docstring).
+
+    Args:
+        model: a model returned by ``seedrand.rewrite`` (any ``nn.Module`` works).
+        args: example positional inputs (a tensor or a tuple); dimensions stay as in these inputs.
+        path: the ``.onnx`` file to write.
+        weights: ``"seed"`` (regenerated in the graph) or ``"materialize"`` (stored as initializers).
+        opset: ONNX opset (onnxruntime 1.31 accepts up to 26).
+
+    Returns:
+        An :class:`OnnxExport`; the file passes ``onnx.checker.check_model``.
+
+    Raises:
+        SeedrandError: an unknown ``weights`` mode, an ``orthogonal`` subspace (names the module), or the exporter
+            failed (names the op it found no ONNX translation for).
+    """
+    if weights not in ("seed", "materialize"):
+        raise SeedrandError(f"weights must be 'seed' or 'materialize', got {weights!r}")
+    for name, module in model.named_modules():
+        if getattr(module, "projection", None) == "orthogonal":
+            raise SeedrandError(f"module {name!r}: the orthogonal subspace projection needs a QR decomposition, which "
+                                "ONNX lacks; use gaussian, sparse, very_sparse or fastfood to export")
+    args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
+    was_training = model.training
+    model.eval()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
+                                        verbose=False)
+    except Exception as e:  # the exporter raises several types; keep its diagnosis
+        raise SeedrandError(f"ONNX export failed: {_first_line(e)}") from e
+    finally:
+        model.train(was_training)
+    proto = program.model_proto
+    if weights == "materialize":
+        proto = onnxscript.optimizer.optimize(proto, input_size_limit=_NO_LIMIT, output_size_limit=_NO_LIMIT)
+    _strip_metadata(proto.graph)
+    path = Path(path)
+    onnx.save_model(proto, str(path))
+    onnx.checker.check_model(str(path), full_check=True)
+    return OnnxExport(path, path.stat().st_size, weights, opset)
+
+
+def _strip_metadata(graph: onnx.GraphProto) -> None:
+    """Drop the per-node stack traces and module paths the exporter records: about 700 bytes per node, which would
+    dominate a seed-mode file made of thousands of small Philox nodes."""
+    for node in graph.node:
+        del node.metadata_props[:]
+        node.doc_string = ""
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _strip_metadata(attribute.g)
+
+
+def _first_line(error: Exception) -> str:
+    """The exporter's own diagnosis: the op it found no ONNX function for, else its first line."""
+    text = str(error).strip()
+    missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
+    if missing:
+        return f"no ONNX translation for op {missing.group(1)}.{missing.group(2)}"
+    return text.splitlines()[0] if text else type(error).__name__
