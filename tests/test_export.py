@@ -85,3 +85,16 @@ def test_cli_export(tmp_path, capsys):
     policy.write_text("rules:\n  - match: {types: [Linear]}\n    random: {}\n")
     assert main(["export", str(policy), "--model", "seedrand.zoo:mlp", "--out", str(tmp_path / "m.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "m.onnx").exists()
+
+
+@pytest.mark.parametrize("name,types,exclude", [
+    ("resnet", ["Conv2d"], []), ("mobilenet_v2", ["Conv2d"], []), ("vit", ["Linear"], ["classifier"]),
+    ("bert", ["Linear", "Embedding"], ["classifier"]),
+])
+def test_more_transformers_models_in_seed_mode(zoo_models, tmp_path, name, types, exclude):
+    model, inputs = zoo_models[name]
+    policy = {"seed": 2, "rules": [{"match": {"types": types, "exclude": exclude}, "random": {}}]}
+    gm = seedrand.rewrite(model, policy, inputs)
+    report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx", weights="seed")
+    np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,
+                               atol=1e-5)
