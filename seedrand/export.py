@@ -76,7 +76,7 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
             program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
                                         verbose=False)
     except Exception as e:  # the exporter raises several types; keep its diagnosis
-        raise SeedrandError(f"ONNX export failed: {_first_line(e)}") from e
+        raise SeedrandError(f"ONNX export failed: {_diagnosis(e, model, args)}") from e
     finally:
         model.train(was_training)
     proto = program.model_proto
@@ -100,10 +100,29 @@ def _strip_metadata(graph: onnx.GraphProto) -> None:
                 _strip_metadata(attribute.g)
 
 
-def _first_line(error: Exception) -> str:
-    """The exporter's own diagnosis: the op it found no ONNX function for, else its first line."""
+def _diagnosis(error: Exception, model: nn.Module, args: tuple) -> str:
+    """The exporter's own diagnosis: the op it found no ONNX function for and the modules that call it, else the
+    first line of its message."""
     text = str(error).strip()
     missing = re.search(r"No ONNX function found for <OpOverload\(op='([^']+)', overload='([^']+)'\)>", text)
-    if missing:
-        return f"no ONNX translation for op {missing.group(1)}.{missing.group(2)}"
-    return text.splitlines()[0] if text else type(error).__name__
+    if not missing:
+        return text.splitlines()[0] if text else type(error).__name__
+    op = f"{missing.group(1)}.{missing.group(2)}"
+    modules = _modules_calling(model, args, op)
+    where = f", called by module {', '.join(map(repr, modules))}" if modules else ""
+    return f"no ONNX translation for op {op}{where}"
+
+
+def _modules_calling(model: nn.Module, args: tuple, op: str) -> list[str]:
+    """Qualified names of the innermost modules whose forward calls ``op`` (from a plain ``torch.export``); empty
+    if that export fails too."""
+    try:
+        graph = torch.export.export(model, args, strict=False).graph
+    except Exception:  # only a better message was at stake
+        return []
+    found = []
+    for node in graph.nodes:
+        stack = node.meta.get("nn_module_stack") or {}
+        if str(node.target) == op:
+            found.append(list(stack.values())[-1][0] if stack else "")
+    return list(dict.fromkeys(found))

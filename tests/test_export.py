@@ -72,8 +72,10 @@ def test_unexportable_projection_and_bad_mode_are_clear_errors(tmp_path):
         def forward(self, x):
             return regen_matmul(x, 1, 3, 3, 0.1, False, False, 1024)
 
-    with pytest.raises(SeedrandError, match="no ONNX translation for op seedrand.regen_matmul.default"):
-        export_onnx(Direct(), torch.randn(2, 3), tmp_path / "u.onnx")
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), Direct())
+    with pytest.raises(SeedrandError, match="no ONNX translation for op seedrand.regen_matmul.default, called by "
+                                            "module '1'"):
+        export_onnx(model, torch.randn(2, 3), tmp_path / "u.onnx")
     with pytest.raises(SeedrandError, match="weights must be 'seed' or 'materialize'"):
         export_onnx(gm, inputs, tmp_path / "o.onnx", weights="stored")
 
