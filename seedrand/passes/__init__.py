@@ -10,6 +10,7 @@ from typing import Callable
 import torch.fx as fx
 
 from ..rewriter.match import Target
+from .filter_gates import filter_gates
 from .freeze import freeze, freeze_captured
 from .freeze_fraction import freeze_fraction
 from .insert_random import insert_random
@@ -29,6 +30,7 @@ def per_module(fn: Callable[[fx.GraphModule, Target], None]) -> Callable[[fx.Gra
 
 
 PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
+    "filter_gates": per_module(filter_gates),
     "freeze": per_module(freeze),
     "freeze_fraction": per_module(freeze_fraction),
     "insert_random": per_module(insert_random),

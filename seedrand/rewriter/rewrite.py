@@ -64,17 +64,12 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         bit for bit and it trains like the model.
 
     Raises:
-        PolicyError: the policy is malformed or does not fit the model (names the rule and YAML line), or names an
-            action this version does not implement.
+        PolicyError: the policy is malformed or does not fit the model (names the rule and YAML line).
         TraceError: no strategy could trace the model (names the code line).
     """
     from ..passes import PASSES  # passes import the rewriter's helpers
 
     policy = as_policy(policy)
-    for rule in policy.rules:
-        if rule.action not in PASSES:
-            raise policy.error(f"action {rule.action} is not implemented in this version of seedrand "
-                               f"(implemented: {', '.join(PASSES)})", rule)
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
     model = copy.deepcopy(model)

@@ -1,0 +1,114 @@
+"""The ``filter_gates`` action (paper 004, ShrinkNets): a Filter layer ``y = x * max(0, theta)`` with one ``theta``
+per channel after each matched module, trained with an L1 penalty ``lambda * |theta|`` so that channels die
+(``theta <= 0`` makes the channel exactly zero).
+
+Channels are dimension 1 after a ``Conv{1,2,3}d`` and the last dimension after ``Linear``/``Conv1D``/``Embedding``.
+``placement: auto`` puts the gate after a BatchNorm that is the layer's only consumer (the ShrinkNets order
+Conv -> BN -> Filter -> ReLU), ``output`` right after the layer. ``init: ones`` starts every gate at 1 (the model
+computes exactly what it did), ``uniform`` at ``U(0, 1)`` drawn from Philox key ``derive_seed(seed, module, "gate")``.
+The gate is installed as ``{module}_gate`` beside the module. Add :func:`penalty` to the loss;
+:func:`gate_parameters` gives the ``theta`` tensors for their own optimizer group (ShrinkNets used no weight decay on
+them).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from ..kernels import philox
+from ..kernels.philox import derive_seed
+from ..rewriter.graph import install
+from ..rewriter.match import Target
+from .layout import call_sites, layout, stored_weight
+
+__all__ = ["FilterGate", "filter_gates", "penalty", "gate_parameters"]
+
+_BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+
+
+class FilterGate(nn.Module):
+    """``y = x * max(0, theta)``, ``theta`` of shape ``(channels,)`` broadcast along ``channel_dim``.
+
+    Args:
+        theta: initial gate values, ``(channels,)``, the model's dtype.
+        channel_dim: ``1`` (conv activations ``(N, C, ...)``) or ``-1`` (``(..., C)``).
+        lambda_: weight of this gate's L1 penalty (see :func:`penalty`).
+
+    Input and output: any shape with ``channels`` entries on ``channel_dim``; dtype of the input.
+    """
+
+    def __init__(self, theta: torch.Tensor, channel_dim: int, lambda_: float):
+        super().__init__()
+        self.theta = nn.Parameter(theta)
+        self.channel_dim, self.lambda_ = channel_dim, lambda_
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate = torch.relu(self.theta)
+        if self.channel_dim == 1:
+            gate = gate.reshape(-1, *[1] * (x.dim() - 2))
+        return x * gate
+
+    def extra_repr(self) -> str:
+        return f"channels={self.theta.shape[0]}, channel_dim={self.channel_dim}, lambda={self.lambda_}"
+
+
+def penalty(model: nn.Module) -> torch.Tensor:
+    """``sum(lambda * |theta|)`` over every :class:`FilterGate` of ``model``: a 0-d tensor to add to the loss
+    (float32; zero if there are no gates). Raises nothing."""
+    terms = [g.lambda_ * g.theta.abs().sum() for g in model.modules() if isinstance(g, FilterGate)]
+    return torch.stack(terms).sum() if terms else torch.zeros(())
+
+
+def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
+    """The ``theta`` of every :class:`FilterGate` of ``model``, in module order (for an optimizer group of their
+    own, e.g. without weight decay). Raises nothing."""
+    return [g.theta for g in model.modules() if isinstance(g, FilterGate)]
+
+
+def _after_batch_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
+    """The BatchNorm output that directly and solely consumes ``node``, else ``node`` itself."""
+    if len(node.users) != 1:
+        return node
+    (user,) = node.users
+    if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _BATCH_NORMS):
+        return user
+    if user.op == "call_function" and user.target == torch.ops.aten.batch_norm.default and user.args[0] is node:
+        return user
+    return node
+
+
+def filter_gates(gm: fx.GraphModule, target: Target) -> None:
+    """Insert a :class:`FilterGate` after every place the graph computes module ``target`` (see the module
+    docstring).
+
+    Raises:
+        PolicyError: the module is not a Linear/Conv1D/Conv/Embedding (whose channels are known), it is the root, or
+            ``{module}_gate`` is taken (names the module, the rule and its YAML line).
+    """
+    p, qualname = target.rule.params, target.qualname
+    if not qualname:
+        raise target.error("filter_gates needs a submodule to gate, not the root module")
+    lay = layout(gm, target)
+    name = f"{qualname}_gate"
+    parent_name, _, leaf = name.rpartition(".")
+    if hasattr(gm.get_submodule(parent_name) if parent_name else gm, leaf):
+        raise target.error(f"cannot insert a filter gate as {name!r}: the name is taken")
+    channels, dtype = lay.features, stored_weight(gm, target).dtype
+    if p.init == "ones":
+        theta = torch.ones(channels, dtype=dtype)
+    else:
+        theta = philox.rand(derive_seed(target.seed, qualname, "gate"), torch.arange(channels)).to(dtype)
+    install(gm, name, FilterGate(theta, 1 if lay.kind == "conv" else -1, p.lambda_))
+    sites = call_sites(gm, target, lay.kind)
+    if not sites:
+        raise target.error("its weight is never used by the traced forward")
+    for node, _ in sites:
+        output = _after_batch_norm(gm, node) if p.placement == "auto" else node
+        users = list(output.users)
+        with gm.graph.inserting_after(output):
+            gated = gm.graph.call_module(name, (output,))
+        gated.meta = dict(output.meta)
+        for user in users:
+            user.replace_input_with(output, gated)
