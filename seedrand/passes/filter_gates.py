@@ -19,7 +19,7 @@ import torch.nn as nn
 
 from ..kernels import philox
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import install
+from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
 from .layout import call_sites, layout, stored_weight
 
@@ -105,10 +105,4 @@ def filter_gates(gm: fx.GraphModule, target: Target) -> None:
     if not sites:
         raise target.error("its weight is never used by the traced forward")
     for node, _ in sites:
-        output = _after_batch_norm(gm, node) if p.placement == "auto" else node
-        users = list(output.users)
-        with gm.graph.inserting_after(output):
-            gated = gm.graph.call_module(name, (output,))
-        gated.meta = dict(output.meta)
-        for user in users:
-            user.replace_input_with(output, gated)
+        insert_after(gm, _after_batch_norm(gm, node) if p.placement == "auto" else node, name)

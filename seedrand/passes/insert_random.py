@@ -27,7 +27,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import install
+from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
 from .layout import call_sites, layout, stored_weight
 from .random import RandomConv, RandomLinear
@@ -124,9 +124,4 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
         raise target.error("its weight is never used by the traced forward")
     install(gm, name, stack)
     for node, _ in sites:
-        users = list(node.users)
-        with gm.graph.inserting_after(node):
-            inserted = gm.graph.call_module(name, (node,))
-        inserted.meta = dict(node.meta)
-        for user in users:
-            user.replace_input_with(node, inserted)
+        insert_after(gm, node, name)

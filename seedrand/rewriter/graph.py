@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["own_parameters", "full_args", "inline_module", "install"]
+__all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -43,6 +43,18 @@ def install(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
     if name in parent._parameters or name in parent._buffers:
         delattr(parent, name)  # nn.Module refuses to assign a module over a tensor
     setattr(parent, name, module)
+
+
+def insert_after(gm: fx.GraphModule, node: fx.Node, module_name: str) -> fx.Node:
+    """Call the submodule ``module_name`` on ``node``'s value right after it, and make every former user of
+    ``node`` read the result instead. Returns the new ``call_module`` node."""
+    users = list(node.users)
+    with gm.graph.inserting_after(node):
+        inserted = gm.graph.call_module(module_name, (node,))
+    inserted.meta = dict(node.meta)
+    for user in users:
+        user.replace_input_with(node, inserted)
+    return inserted
 
 
 def inline_module(gm: fx.GraphModule, qualname: str) -> None:
