@@ -2,13 +2,15 @@
 regenerated from Philox seeds, filter gates, subspace training) to existing PyTorch models.
 
 Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`,
-:func:`export_onnx`, :func:`intrinsic_dimension`, :func:`penalty`, :func:`gate_parameters`; errors in
+:func:`export_onnx`, :func:`intrinsic_dimension`, :func:`penalty`, :func:`gate_parameters`, :func:`collect_garbage`;
+errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
 """
 
 from .checkpoint import load, save
 from .errors import PolicyError, SeedrandError, TraceError
 from .export import export_onnx
+from .garbage import collect_garbage
 from .intrinsic import intrinsic_dimension
 from .passes.filter_gates import gate_parameters, penalty
 from .policy import Policy, load_policy
@@ -17,6 +19,6 @@ from .summary import summary
 
 __version__ = "0.1.0"
 
-__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension", "penalty",
+__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension", "penalty", "collect_garbage",
            "gate_parameters", "PolicyError",
            "SeedrandError", "TraceError", "__version__"]

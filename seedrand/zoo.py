@@ -7,10 +7,12 @@ models are deliberately tiny (a few layers, narrow widths) so that tracing and t
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn as nn
 
-__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES", "digits_task"]
+__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES", "digits_task", "digits_data", "Digits"]
 
 
 def _inputs(*shape: int) -> tuple[torch.Tensor]:
@@ -99,20 +101,35 @@ def bert() -> tuple[nn.Module, tuple]:
 FACTORIES = {f.__name__: f for f in (mlp, cnn, resnet, mobilenet_v2, vit, gpt2, bert)}
 
 
-def digits_task(hidden: int = 100, steps: int = 300, lr: float = 1e-2):
-    """scikit-learn's bundled digits (8x8 images, 10 classes; no download) and an MLP ``64-hidden-hidden-10``, as a
-    :class:`seedrand.intrinsic.Task`: full-batch Adam for ``steps`` steps on a fixed 75/25 split (inputs scaled to
-    [0, 1]); the score is test accuracy. Everything is deterministic and leaves the global RNG alone."""
+class Digits(NamedTuple):
+    """scikit-learn's digits split 75/25 (stratified, fixed): float32 inputs ``(n, 64)`` in [0, 1], int64 labels."""
+
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+
+
+def digits_data() -> Digits:
+    """The bundled scikit-learn digits (no download) as :class:`Digits`."""
     from sklearn.datasets import load_digits
     from sklearn.model_selection import train_test_split
-
-    from .intrinsic import Task
 
     data = load_digits()
     x_train, x_test, y_train, y_test = train_test_split(data.data / 16.0, data.target, test_size=0.25, random_state=0,
                                                         stratify=data.target)
-    x_train, x_test = torch.tensor(x_train, dtype=torch.float32), torch.tensor(x_test, dtype=torch.float32)
-    y_train, y_test = torch.tensor(y_train), torch.tensor(y_test)
+    return Digits(torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train),
+                  torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test))
+
+
+def digits_task(hidden: int = 100, steps: int = 300, lr: float = 1e-2):
+    """scikit-learn's bundled digits (8x8 images, 10 classes; no download) and an MLP ``64-hidden-hidden-10``, as a
+    :class:`seedrand.intrinsic.Task`: full-batch Adam for ``steps`` steps on a fixed 75/25 split (inputs scaled to
+    [0, 1]); the score is test accuracy. Everything is deterministic and leaves the global RNG alone."""
+    from .intrinsic import Task
+
+    data = digits_data()
+    x_train, y_train, x_test, y_test = data.x_train, data.y_train, data.x_test, data.y_test
 
     def factory() -> nn.Module:
         return _seeded(lambda: nn.Sequential(nn.Linear(64, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),

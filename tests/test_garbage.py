@@ -1,0 +1,103 @@
+"""collect_garbage: removing dead gated channels leaves outputs unchanged, shrinks parameters and optimizer state in
+place, stops at barriers, and lets training continue (scikit-learn digits)."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn as nn
+
+import seedrand
+from seedrand.garbage import collect_garbage
+
+
+def kill(gm, fraction=0.4, seed=0):
+    """Set a random subset of every gate's theta to <= 0 (a deterministic local generator)."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for theta in seedrand.gate_parameters(gm):
+            dead = torch.rand(theta.shape, generator=gen) < fraction
+            theta[dead] = -torch.rand(int(dead.sum()), generator=gen, dtype=theta.dtype)
+
+
+def outputs(gm, inputs, train):
+    gm = copy.deepcopy(gm).train(train)  # train mode updates BatchNorm statistics: keep the model as it is
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        torch.manual_seed(0)  # same dropout masks before and after
+        return gm(*inputs)
+
+
+@pytest.mark.parametrize("name,types", [("cnn", ["Conv2d"]), ("mlp", ["re:Linear"])])
+def test_outputs_unchanged_and_state_sliced(zoo_models, name, types):
+    model, inputs = zoo_models[name]
+    match = {"types": types} if name == "cnn" else {"modules": ["0", "2"]}
+    gm = seedrand.rewrite(model, {"rules": [{"match": match, "filter_gates": {"init": "uniform"}}]}, inputs)
+    gm.double()
+    inputs = tuple(x.double() for x in inputs)
+    for m in gm.modules():
+        if isinstance(m, nn.Dropout):
+            m.p = 0.0  # a mask over a smaller tensor draws other random numbers: compare train mode without one
+    opt = torch.optim.Adam(gm.parameters(), lr=1e-3)
+    gm.train()
+    gm(*inputs).square().mean().backward()
+    opt.step()
+    kill(gm)
+    before = {mode: outputs(gm, inputs, mode) for mode in (False, True)}
+    ids = {n: id(p) for n, p in gm.named_parameters()}
+    report = collect_garbage(gm, opt)
+    assert report.removed and report.parameters_after < report.parameters_before and not report.blocked
+    for mode in (False, True):
+        torch.testing.assert_close(outputs(gm, inputs, mode), before[mode], rtol=1e-6, atol=1e-12)
+    assert {n: id(p) for n, p in gm.named_parameters()} == ids  # same Parameter objects
+    for p in gm.parameters():
+        state = opt.state[p]
+        assert state["exp_avg"].shape == p.shape == state["exp_avg_sq"].shape and p.grad.shape == p.shape
+    gm.train()
+    opt.zero_grad()
+    gm(*inputs).square().mean().backward()  # training continues with the same optimizer
+    opt.step()
+
+
+def test_residual_add_is_a_barrier():
+    class Residual(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
+
+        def forward(self, x):
+            return self.b(torch.relu(self.a(x)) + x)
+
+    model, x = Residual(), torch.randn(4, 6)
+    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, x)
+    kill(gm, 0.5)
+    before = gm(x)
+    report = collect_garbage(gm, explain=True)
+    assert not report.removed and "add" in report.blocked["a_gate"]
+    assert torch.equal(gm(x), before) and gm.a.weight.shape == (6, 6)
+
+
+def test_shrinks_while_training_on_digits():
+    from seedrand import zoo
+
+    task, data = zoo.digits_task(hidden=256), zoo.digits_data()
+    plain = task.model_factory()
+    gated = seedrand.rewrite(task.model_factory(), {"rules": [{"match": {"modules": ["0", "2"]}, "filter_gates": {
+        "lambda": 2e-3}}]}, (data.x_train[:2],))
+    accuracy = {}
+    for name, model in (("plain", plain), ("gated", gated)):
+        opt = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if "gate" not in n]},
+                                {"params": seedrand.gate_parameters(model), "weight_decay": 0.0}], lr=1e-2)
+        model.train()
+        for step in range(300):
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(data.x_train), data.y_train) + seedrand.penalty(model)
+            loss.backward()
+            opt.step()
+            if name == "gated" and step % 50 == 49:
+                collect_garbage(model, opt)
+        model.eval()
+        with torch.no_grad():
+            accuracy[name] = (model(data.x_test).argmax(-1) == data.y_test).float().mean().item()
+    live = gated.get_submodule("0").out_features + gated.get_submodule("2").out_features
+    assert live < 2 * 256 * 0.9  # units were removed during training
+    assert accuracy["gated"] >= accuracy["plain"] - 0.02, accuracy
