@@ -162,7 +162,8 @@ def _density(rows: int, density: float | None) -> float:
 def leading_rows(seed: int, rows: int, cols: int, kind: str, density: float | None = None,
                  count: int = 16) -> torch.Tensor:
     """``(P @ ones(cols))[:count]``, float32, computing only what those rows need (one block, or one fastfood
-    transform): a cheap fingerprint of the projection."""
+    transform): a cheap fingerprint of the projection. Needs ``rows >= cols`` for
+    ``orthogonal`` and ``fastfood`` (as :func:`project`); raises ``ValueError`` from :func:`fastfood` otherwise."""
     if kind == "fastfood":
         return fastfood(torch.ones(cols), seed, rows)[:count]
     blocks = _blocks(kind, rows, cols, DEFAULT_CHUNK_BYTES)
@@ -173,7 +174,13 @@ def leading_rows(seed: int, rows: int, cols: int, kind: str, density: float | No
 def column_norms(seed: int, rows: int, cols: int, kind: str, density: float | None = None,
                  chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """The Euclidean norm of each column of ``P`` (``gaussian``, ``sparse``, ``very_sparse``), ``(cols,)`` float32,
-    in one blockwise pass over ``P``."""
+    in one blockwise pass over ``P``.
+
+    Raises:
+        ValueError: another ``kind`` (``orthogonal`` columns are unit already; ``fastfood`` has no row blocks).
+    """
+    if kind not in ("gaussian", "sparse", "very_sparse"):
+        raise ValueError(f"column_norms applies to gaussian, sparse and very_sparse projections, not {kind!r}")
     blocks = _blocks(kind, rows, cols, chunk_bytes)
     squares = torch.zeros(cols, dtype=torch.float64)
     for block in blocks:

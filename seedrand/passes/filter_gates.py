@@ -21,7 +21,7 @@ from ..kernels import philox
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
-from .layout import call_sites, layout, stored_weight
+from .layout import call_sites, layout, sibling_name, stored_weight
 
 __all__ = ["FilterGate", "filter_gates", "penalty", "gate_parameters"]
 
@@ -88,13 +88,8 @@ def filter_gates(gm: fx.GraphModule, target: Target) -> None:
             ``{module}_gate`` is taken (names the module, the rule and its YAML line).
     """
     p, qualname = target.rule.params, target.qualname
-    if not qualname:
-        raise target.error("filter_gates needs a submodule to gate, not the root module")
+    name = sibling_name(gm, target, "gate")
     lay = layout(gm, target)
-    name = f"{qualname}_gate"
-    parent_name, _, leaf = name.rpartition(".")
-    if hasattr(gm.get_submodule(parent_name) if parent_name else gm, leaf):
-        raise target.error(f"cannot insert a filter gate as {name!r}: the name is taken")
     channels, dtype = lay.features, stored_weight(gm, target).dtype
     if p.init == "ones":
         theta = torch.ones(channels, dtype=dtype)

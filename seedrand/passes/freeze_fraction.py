@@ -30,7 +30,6 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels import philox
-from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import inline_module, install
 from ..rewriter.match import Target
@@ -142,14 +141,11 @@ def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
     dim = lay.stored_dim(params.dim)
     frozen = frozen_indices(weight.shape[dim], params.fraction, params.select,
                             derive_seed(target.seed, qualname, "select"))
-    kind, scale = init_distribution(lay.init(params.init), lay.fan_in, lay.fan_out)
-    replaced = {"weight": FrozenFraction(weight, dim, frozen, params.fixed,
-                                         Stream(derive_seed(target.seed, qualname, "weight"), kind, scale, ()),
+    replaced = {"weight": FrozenFraction(weight, dim, frozen, params.fixed, lay.stream(target, "weight", params.init),
                                          lay.counter_strides())}
     bias = dict(gm.named_parameters()).get(f"{qualname}.bias")
     if params.dim == "out" and bias is not None:
-        bias_stream = Stream(derive_seed(target.seed, qualname, "bias"), "uniform", 1 / math.sqrt(lay.fan_in), ())
-        replaced["bias"] = FrozenFraction(bias, 0, frozen, params.fixed, bias_stream)
+        replaced["bias"] = FrozenFraction(bias, 0, frozen, params.fixed, lay.stream(target, "bias"))
     inline_module(gm, qualname)
     for name, module in replaced.items():
         readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{qualname}.{name}"]

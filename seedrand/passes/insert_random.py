@@ -29,7 +29,7 @@ import torch.nn as nn
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
-from .layout import call_sites, layout, stored_weight
+from .layout import call_sites, layout, sibling_name, stored_weight
 from .random import RandomConv, RandomLinear
 
 __all__ = ["RandomStack", "insert_random"]
@@ -100,15 +100,10 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
             not fit, the name ``{module}_random`` is taken, or the module is the root (names the module, the rule and
             its YAML line).
     """
-    p, qualname = target.rule.params, target.qualname
-    if not qualname:
-        raise target.error("insert_random needs a submodule to insert after, not the root module")
+    p = target.rule.params
+    name = sibling_name(gm, target, "random")
     lay = layout(gm, target)
     widths = _widths(target, lay.features)
-    name = f"{qualname}_random"
-    parent_name = qualname.rpartition(".")[0]
-    if hasattr(gm.get_submodule(parent_name) if parent_name else gm, name.rpartition(".")[2]):
-        raise target.error(f"cannot insert random layers as {name!r}: the name is taken")
     init, dtype = p.init, stored_weight(gm, target).dtype
     if lay.kind == "conv":
         dims = len(lay.shape) - 2

@@ -21,9 +21,12 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..kernels.init import init_distribution
+from ..kernels.philox import derive_seed
 from ..rewriter.match import Target
+from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "stored_weight", "weight_readers", "call_sites", "CONV_OPS"]
+__all__ = ["Layout", "layout", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
@@ -76,6 +79,23 @@ class Layout:
     def init(self, rule_init: Optional[str]) -> str:
         """The rule's init, else the layer's own default."""
         return rule_init or self.default_init
+
+    def stream(self, target: Target, name: str, rule_init: Optional[str] = None,
+               shape: tuple[int, ...] = ()) -> Stream:
+        """The regenerated ``weight`` (the init: the rule's or the layer's own) or ``bias`` (PyTorch's default
+        Linear/Conv bias init ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``) of module ``target``: Philox key
+        ``derive_seed(seed, qualname, name)``, the key the ``random`` action uses for the same tensor.
+
+        Raises:
+            ValueError: ``name`` is neither ``"weight"`` nor ``"bias"``.
+        """
+        if name == "weight":
+            kind, scale = init_distribution(self.init(rule_init), self.fan_in, self.fan_out)
+        elif name == "bias":
+            kind, scale = "uniform", 1 / math.sqrt(self.fan_in)
+        else:
+            raise ValueError(f"a layer regenerates its weight or bias, not {name!r}")
+        return Stream(derive_seed(target.seed, target.qualname, name), kind, scale, shape)
 
 
 def stored_weight(gm: fx.GraphModule, target: Target) -> torch.nn.Parameter:
@@ -143,3 +163,19 @@ def call_sites(gm: fx.GraphModule, target: Target, kind: str) -> list[tuple[fx.N
             raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
                                "regenerated without changing the other reader)")
     return sites
+
+
+def sibling_name(gm: fx.GraphModule, target: Target, suffix: str) -> str:
+    """``{module}_{suffix}``, the free name beside module ``target`` where a pass installs what it inserts.
+
+    Raises:
+        PolicyError: the module is the root (nothing is beside it), or the name is taken (names the module, the rule
+            and its YAML line).
+    """
+    if not target.qualname:
+        raise target.error(f"{target.rule.action} inserts beside a submodule, not the root module")
+    name = f"{target.qualname}_{suffix}"
+    parent_name, _, leaf = name.rpartition(".")
+    if hasattr(gm.get_submodule(parent_name) if parent_name else gm, leaf):
+        raise target.error(f"cannot insert {name!r}: the name is taken")
+    return name

@@ -23,7 +23,6 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
 from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, materialized, project
 from ..rewriter.graph import inline_module, install, own_parameters
@@ -105,16 +104,12 @@ class SubspaceTensor(Regenerating):
 def _theta0_stream(gm: fx.GraphModule, target: Target, name: str, shape: tuple[int, ...]) -> Stream:
     """The regenerated ``theta0`` of parameter ``name`` (``theta0: random``): the ``random`` action's init."""
     lay = layout(gm, target)
-    if name == "weight":
-        kind, scale = init_distribution(lay.init(None), lay.fan_in, lay.fan_out)
-    elif name == "bias":
-        kind, scale = "uniform", 1 / math.sqrt(lay.fan_in)
-    else:
+    if name not in ("weight", "bias"):
         raise target.error(f"theta0: random regenerates weight and bias only, not parameter {name!r}")
     if name == "weight" and lay.transposed:
         raise target.error("theta0: random does not support transformers Conv1D (its weight is stored transposed); "
                            "use theta0: keep")
-    return Stream(derive_seed(target.seed, target.qualname, name), kind, scale, shape)
+    return lay.stream(target, name, shape=shape)
 
 
 def _group(gm: fx.GraphModule, targets: list[Target], name: str) -> None:
