@@ -1,6 +1,7 @@
 """The ``seedrand`` command line: ``seedrand inspect POLICY --model MODULE:FACTORY [--json]``,
 ``seedrand export POLICY --model MODULE:FACTORY --out FILE.onnx [--weights seed|materialize]`` and
-``seedrand intrinsic-dimension --task MODULE:FACTORY --dims 10,100,... [--out DIR]``."""
+``seedrand intrinsic-dimension --task MODULE:FACTORY --dims 10,100,... [--out DIR]`` and
+``seedrand demo [--quick] [--part N] [--out DIR]``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import argparse
 import importlib
 import json
 import sys
+from pathlib import Path
 
 import torch.nn as nn
 from rich.console import Console
 
+from .demo import POLICIES
 from .errors import SeedrandError
 
 __all__ = ["main"]
@@ -85,6 +88,18 @@ def _intrinsic_dimension(args: argparse.Namespace) -> int:
     return 0
 
 
+def _demo(args: argparse.Namespace) -> int:
+    from rich.markdown import Markdown
+
+    from .demo import run_demo
+
+    results = run_demo(args.out, args.quick, args.part, args.policies)
+    console = Console(width=None if sys.stdout.isatty() else 160)
+    console.print(Markdown((Path(args.out) / "results.md").read_text()))
+    console.print(f"wrote results.json, results.md and plots to {args.out}/ in {results['settings']['seconds']:.0f} s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``seedrand`` console script. Returns the exit code: 0 on success, 2 on bad input."""
     parser = argparse.ArgumentParser(prog="seedrand", description="Apply seed-regenerated-weight policies to "
@@ -113,6 +128,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", help="directory for intrinsic_dimension.csv and intrinsic_dimension.png")
     p.set_defaults(run=_intrinsic_dimension)
+    p = sub.add_parser("demo", help="every part of seedrand on scikit-learn's digits: freeze fraction, random layers, "
+                       "ShrinkNets, subspace, compile and ONNX (a few minutes on 2 CPU cores)")
+    p.add_argument("--out", default="seedrand-demo", help="directory for results.json, results.md and the plots")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: every part in under a minute")
+    p.add_argument("--part", type=int, action="append", help="run only this part (1-5; repeatable)")
+    p.add_argument("--policies", default=str(POLICIES), help="directory of the demo's policy files")
+    p.set_defaults(run=_demo)
     args = parser.parse_args(argv)
     try:
         return args.run(args)

@@ -15,6 +15,7 @@ The ``orthogonal`` subspace projection (a QR decomposition, which ONNX lacks) ca
 
 from __future__ import annotations
 
+import logging
 import re
 import warnings
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from .errors import SeedrandError
 __all__ = ["export_onnx", "OnnxExport"]
 
 _NO_LIMIT = 2**62
+# logs "torchvision is not installed. Skipping torchvision::..." once per torchvision op on every export
+_REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
 
 
 @dataclass
@@ -70,14 +73,17 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
     args = (args,) if isinstance(args, torch.Tensor) else tuple(args)
     was_training = model.training
     model.eval()
+    level = _REGISTRY_LOG.level
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
+            _REGISTRY_LOG.setLevel(logging.ERROR)
             program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
                                         verbose=False)
     except Exception as e:  # the exporter raises several types; keep its diagnosis
         raise SeedrandError(f"ONNX export failed: {_diagnosis(e, model, args)}") from e
     finally:
+        _REGISTRY_LOG.setLevel(level)
         model.train(was_training)
     proto = program.model_proto
     if weights == "materialize":

@@ -58,24 +58,6 @@ def test_outputs_unchanged_and_state_sliced(zoo_models, name, types):
     opt.step()
 
 
-def test_residual_add_is_a_barrier():
-    class Residual(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 3)
-
-        def forward(self, x):
-            return self.b(torch.relu(self.a(x)) + x)
-
-    model, x = Residual(), torch.randn(4, 6)
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, x)
-    kill(gm, 0.5)
-    before = gm(x)
-    report = collect_garbage(gm, explain=True)
-    assert not report.removed and "add" in report.blocked["a_gate"]
-    assert torch.equal(gm(x), before) and gm.a.weight.shape == (6, 6)
-
-
 def test_shrinks_while_training_on_digits():
     from seedrand import zoo
 
