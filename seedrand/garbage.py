@@ -15,6 +15,7 @@ way, so training simply continues. The decision is made for the whole model befo
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -26,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import SeedrandError
 from .passes.filter_gates import FilterGate
-from .rewriter.channels import LAYERS, NORMS, ChannelGraph
+from .rewriter.channels import ChannelGraph, Ref
 from .rewriter.rewrite import RECORD_KEY
 
 __all__ = ["collect_garbage", "GarbageReport"]
@@ -88,8 +89,8 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
     """Remove dead channels from ``model`` in place (see the module docstring).
 
     Args:
-        model: a GraphModule returned by ``seedrand.rewrite`` (symbolically traced, with example inputs: shapes are
-            propagated with them).
+        model: a GraphModule returned by ``seedrand.rewrite`` (symbolically traced or exported) with example inputs,
+            with which shapes are propagated.
         optimizer: its optimizer, whose state is sliced to match; training continues without rebuilding it.
         explain: print which op kept which gate's dead channels.
 
@@ -153,74 +154,55 @@ def _propagate(model: fx.GraphModule, example_inputs: tuple) -> int:
 
 
 def _plan(gm: fx.GraphModule, graph: ChannelGraph, removed: set[int]) -> list:
-    """Closures that each shrink one module or rewrite one ``split``; nothing changes until they run."""
-    plan = []
+    """Closures that each slice one tensor, rewrite one argument or update one module's sizes; nothing changes until
+    they run."""
     if not removed:
-        return plan
-    for node in gm.graph.nodes:
-        module = _module(gm, node)
-        if node in graph.channels and isinstance(module, (*LAYERS, *NORMS, FilterGate)):
-            keep = graph.keep(node, removed)
-            inputs = graph.keep(node.args[0], removed) if isinstance(module, LAYERS) and \
-                node.args[0] in graph.channels else None
-            if len(keep) < len(graph.channels[node].ids) or (inputs is not None and len(inputs) < len(
-                    graph.channels[node.args[0]].ids)):
-                plan.append(_shrinker(node.target, module, keep, inputs, len(graph.channels[node].ids) - len(keep)))
-        elif node in graph.splits and graph.splits[node].sizes:
-            kept = graph.keep(node.args[0], removed)
-            bounds = torch.tensor(graph.splits[node].sizes).cumsum(0)
-            sizes = torch.bucketize(kept, bounds, right=True).bincount(minlength=len(bounds)).tolist()
-            if sizes != graph.splits[node].sizes:
-                plan.append(_resplitter(node, sizes))
+        return []
+    keeps: dict[fx.Node, torch.Tensor] = {}
+
+    def keep(node: fx.Node) -> torch.Tensor:
+        if node not in keeps:
+            keeps[node] = graph.keep(node, removed)
+        return keeps[node]
+
+    names = {id(m): name for name, m in gm.named_modules()}
+    plan = []
+    for s in graph.slices:
+        kept, total = keep(s.node), len(graph.channels[s.node].ids)
+        if len(kept) < total:
+            name = names[id(s.ref.owner)] if s.output else None
+            plan.append(functools.partial(_slice, s.ref, s.dim, kept, name, total - len(kept)))
+    for size in graph.sizes:
+        value = size.value(keep(size.node))
+        if value != size.value(torch.arange(len(graph.channels[size.node].ids))):
+            plan.append(functools.partial(lambda write, v, *_: write(v), size.write, value))
+    for node, module in graph.layers.items():
+        old = len(graph.channels[node].ids)
+        if len(keep(node)) < old or (node.args[0] in graph.channels and
+                                     len(keep(node.args[0])) < len(graph.channels[node.args[0]].ids)):
+            plan.append(functools.partial(_resize, module, old))
     return plan
 
 
-def _shrinker(name: str, module: nn.Module, keep: torch.Tensor, inputs: Optional[torch.Tensor], count: int):
-    def apply(optimizer, report):
-        if isinstance(module, FilterGate):
-            _shrink(module.theta, 0, keep, optimizer)
-        elif isinstance(module, NORMS):
-            _shrink_norm(module, keep, optimizer)
-        else:
-            _shrink_layer(module, keep, inputs, optimizer)
-        if count:
-            report.removed[name] = count
-    return apply
+def _slice(ref: Ref, dim: int, keep: torch.Tensor, name: Optional[str], count: int,
+           optimizer: Optional[torch.optim.Optimizer], report: GarbageReport) -> None:
+    tensor = ref.tensor
+    if isinstance(tensor, nn.Parameter):
+        _shrink(tensor, dim, keep, optimizer)
+    else:  # a buffer (BatchNorm statistics, a frozen weight)
+        setattr(ref.owner, ref.name, _keep(tensor, dim, keep))
+    if name is not None:
+        report.removed[name] = count
 
 
-def _shrink_layer(layer: nn.Module, keep: torch.Tensor, inputs: Optional[torch.Tensor],
-                  optimizer: Optional[torch.optim.Optimizer]) -> None:
-    """Keep output rows ``keep`` and input channels ``inputs`` (``None``: all) of a Linear/Conv; a grouped conv loses
-    whole groups (the dependency graph guarantees it), so its weight's per-group input dim stays."""
-    groups = getattr(layer, "groups", 1)
-    if len(keep) < layer.weight.shape[0]:
-        _shrink(layer.weight, 0, keep, optimizer)
-        if layer.bias is not None:
-            _shrink(layer.bias, 0, keep, optimizer)
-    if inputs is not None and groups == 1 and len(inputs) < layer.weight.shape[1]:
-        _shrink(layer.weight, 1, inputs, optimizer)
-    if isinstance(layer, nn.Linear):
-        layer.out_features, layer.in_features = layer.weight.shape
-        return
-    if groups > 1:  # whole groups went: the input channels left over the per-group width is the group count
-        layer.groups = len(inputs) // layer.weight.shape[1]
-    layer.out_channels, layer.in_channels = layer.weight.shape[0], layer.weight.shape[1] * layer.groups
-
-
-def _shrink_norm(norm: nn.Module, keep: torch.Tensor, optimizer: Optional[torch.optim.Optimizer]) -> None:
-    for p in (norm.weight, norm.bias):
-        if p is not None:
-            _shrink(p, 0, keep, optimizer)
-    for name in ("running_mean", "running_var"):
-        if getattr(norm, name, None) is not None:
-            setattr(norm, name, _keep(getattr(norm, name), 0, keep))
-    norm.num_features = len(keep)
-
-
-def _resplitter(node: fx.Node, sizes: list[int]):
-    def apply(optimizer, report):
-        node.target = "split" if node.op == "call_method" else torch.split
-        node.args = (node.args[0], sizes, *node.args[2:])
-    return apply
-
-
+def _resize(module: nn.Module, old_out: int, *_) -> None:
+    """Keep a Linear/Conv/BatchNorm's size attributes true to its tensors after slicing (a conv's groups shrink in
+    proportion: whole groups went)."""
+    if isinstance(module, nn.Linear):
+        module.out_features, module.in_features = module.weight.shape
+    elif isinstance(module, nn.modules.conv._ConvNd):
+        if module.groups > 1:
+            module.groups = module.groups * module.weight.shape[0] // old_out
+        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+    else:
+        module.num_features = (module.weight if module.affine else module.running_mean).shape[0]

@@ -9,7 +9,7 @@ new shapes, and that training continues.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.nn as nn
@@ -46,7 +46,8 @@ def _outputs(model: nn.Module, inputs: tuple, train: bool) -> list[torch.Tensor]
 
 
 def check_garbage_collection(model: nn.Module, example_inputs: tuple, match: Optional[dict] = None,
-                             fraction: float = 0.5, seed: int = 0, rtol: float = 1e-6) -> GarbageReport:
+                             fraction: float = 0.5, seed: int = 0, rtol: float = 1e-6,
+                             kill: Optional[Callable[[nn.Module], None]] = None) -> GarbageReport:
     """Gate ``model`` (a copy), kill gates, collect garbage, and check that nothing observable changed.
 
     Args:
@@ -56,6 +57,7 @@ def check_garbage_collection(model: nn.Module, example_inputs: tuple, match: Opt
         fraction: probability that a gate channel is killed.
         seed: seeds the choice of killed channels.
         rtol: relative tolerance on every floating output (absolute: ``rtol`` times the output's largest magnitude).
+        kill: ``(gated model) -> None`` that kills gates its own way, instead of :func:`kill_gates`.
 
     Returns:
         The :class:`GarbageReport` of the collection.
@@ -68,13 +70,14 @@ def check_garbage_collection(model: nn.Module, example_inputs: tuple, match: Opt
     policy = {"rules": [{"match": match or {"types": LAYER_TYPES}, "optional": match is None,
                          "filter_gates": {"init": "uniform"}}]}
     inputs = tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
-    gm = rewrite(model, policy, example_inputs).double()
-    for module in gm.modules():
+    model = copy.deepcopy(model).double()  # before tracing: an exported graph holds dtypes and p as constants
+    for module in model.modules():
         if isinstance(module, nn.modules.dropout._DropoutNd):
             module.p = 0.0
+    gm = rewrite(model, policy, inputs)
     optimizer = torch.optim.Adam(gm.parameters(), lr=1e-3)
     _step(gm, inputs, optimizer)
-    kill_gates(gm, fraction, seed)
+    kill(gm) if kill is not None else kill_gates(gm, fraction, seed)
     before = {train: _outputs(gm, inputs, train) for train in (False, True)}
     identities = {name: id(p) for name, p in gm.named_parameters()}
     report = collect_garbage(gm, optimizer)

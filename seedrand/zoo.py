@@ -12,7 +12,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "FACTORIES", "digits_task", "digits_data", "Digits"]
+__all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "convnext", "llama", "FACTORIES", "digits_task", "digits_data", "Digits"]
 
 
 def _inputs(*shape: int) -> tuple[torch.Tensor]:
@@ -98,7 +98,24 @@ def bert() -> tuple[nn.Module, tuple]:
     return _seeded(lambda: tf.BertForSequenceClassification(cfg)), _tokens(128)
 
 
-FACTORIES = {f.__name__: f for f in (mlp, cnn, resnet, mobilenet_v2, vit, gpt2, bert)}
+def convnext() -> tuple[nn.Module, tuple]:
+    """transformers ConvNeXt (depthwise 7x7 convs, LayerNorm, inverted-bottleneck Linears, layer scale):
+    input (2, 3, 32, 32)."""
+    import transformers as tf
+    cfg = tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=32)
+    return _seeded(lambda: tf.ConvNextForImageClassification(cfg)), _inputs(2, 3, 32, 32)
+
+
+def llama() -> tuple[nn.Module, tuple]:
+    """A Llama-style transformers causal LM (RMSNorm, rotary embeddings, gated SiLU MLP, grouped-query attention),
+    ``use_cache=False``: input ids (2, 8)."""
+    import transformers as tf
+    cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
+    return _seeded(lambda: tf.LlamaForCausalLM(cfg)), _tokens(128)
+
+
+FACTORIES = {f.__name__: f for f in (mlp, cnn, resnet, mobilenet_v2, vit, gpt2, bert, convnext, llama)}
 
 
 class Digits(NamedTuple):

@@ -289,3 +289,50 @@ def test_random_dags(program, seed):
         torch.manual_seed(seed)
         model = Dag(program).eval()
     check_garbage_collection(model, image(2, 4, 5, 5), fraction=0.5, seed=seed)
+
+
+TRANSFORMERS = {  # exported graphs; what must shrink (feed-forward intermediates, conv channels)
+    "resnet": (None, ["resnet.embedder.embedder.convolution", "resnet.encoder.stages.1.layers.0.shortcut.convolution"]),
+    "mobilenet_v2": (None, ["mobilenet_v2.layer.0.expand_1x1.convolution", "mobilenet_v2.layer.0.conv_3x3.convolution",
+                            "mobilenet_v2.conv_1x1.convolution"]),
+    "convnext": (None, ["convnext.encoder.stages.0.layers.0.pwconv1"]),
+    "vit": (None, ["vit.layers.0.mlp.fc1", "vit.layers.1.mlp.fc1"]),
+    "bert": (None, ["bert.encoder.layer.0.intermediate.dense", "bert.encoder.layer.1.intermediate.dense"]),
+    "gpt2": ({"types": ["Conv1D"]}, ["transformer.h.0.mlp.c_fc", "transformer.h.1.mlp.c_fc"]),
+    "llama": (None, ["model.layers.0.mlp.gate_proj", "model.layers.0.mlp.up_proj"]),
+}
+
+
+@pytest.mark.parametrize("name", sorted(TRANSFORMERS))
+def test_transformers_models(zoo_models, name):
+    model, inputs = zoo_models[name]
+    match, shrunk = TRANSFORMERS[name]
+    report = check_garbage_collection(model, inputs, match=match, fraction=0.6, seed=1)
+    assert set(shrunk) <= set(report.removed), (report.removed, report.blocked)
+    assert report.parameters_after < report.parameters_before
+
+
+HEADS = {  # value projection gate, where a head's values start in it, head size, the modules that lose the head
+    "bert": ("bert.encoder.layer.0.attention.self.value_gate", 0, 16,
+             ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.0.attention.self.key",
+              "bert.encoder.layer.0.attention.self.value"]),
+    "vit": ("vit.layers.1.attention.v_proj_gate", 0, 16,
+            ["vit.layers.1.attention.q_proj", "vit.layers.1.attention.k_proj", "vit.layers.1.attention.v_proj"]),
+    "gpt2": ("transformer.h.0.attn.c_attn_gate", 64, 16, ["transformer.h.0.attn.c_attn"]),  # q, k, v in one
+}
+
+
+@pytest.mark.parametrize("name", sorted(HEADS))
+def test_dead_attention_head_is_removed(zoo_models, name):
+    model, inputs = zoo_models[name]
+    gate, start, size, shrunk = HEADS[name]
+    head = 1
+
+    def kill_values_of_one_head(gm):
+        with torch.no_grad():
+            gm.get_submodule(gate).theta[start + head * size:start + (head + 1) * size] = -1.0
+
+    match = {"types": ["Conv1D"]} if name == "gpt2" else {"types": ["Linear"]}
+    report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head)
+    per_head = 3 * size if name == "gpt2" else size  # its queries, keys and values go
+    assert all(report.removed[m] == per_head for m in shrunk), report.removed

@@ -2,26 +2,34 @@
 are provably zero, and which reads would notice their removal (paper 004's removal events; the dependency groups of
 Torch-Pruning's DepGraph, minus its habit of treating unknown ops as element-wise).
 
+Works on symbolically traced graphs (``call_module`` layers, torch functions, tensor methods) and on exported ones
+(``aten`` ops reading ``get_attr`` parameters), so on ``transformers`` models too.
+
 Every tracked tensor (a node's output) has one *slot* per channel along its channel dimension. Slots that must go
 together are joined in a union-find; a joined set is a **dependency group**. Ops join slots by their index maps:
 element-wise ops keep slot ``i`` as slot ``i``; ``add``/``mul`` join their operands' slots (broadcast operands do not
-take part); ``cat``/``split``/``chunk`` along the channel dimension place operands' slots side by side;
-``flatten``/``view``/``reshape``/``unsqueeze`` map channel ``c`` to output positions ``c * S .. c * S + S - 1`` (``S`` from the
-propagated shapes); a grouped or depthwise convolution joins each group's inputs with its outputs (so only whole
-groups go). A ``Linear``/``Conv`` (``groups=1``) starts new slots: its inputs are *sinks*, whose removal is exact
-when the slot is zero or the layer's columns for it are all zero.
+take part; a per-channel parameter operand, such as a bias or a layer scale, is sliced with them); ``cat``/
+``split``/``chunk`` along the channel dimension place operands' slots side by side; ``flatten``/``view``/
+``reshape`` map channel ``c`` to output positions ``c * S .. c * S + S - 1`` (``S`` from the propagated shapes; a
+size written as a number in the channel position is rewritten on removal); ``permute``/``transpose``/``unsqueeze``/
+``select``/``slice`` move the channel dimension; a grouped or depthwise convolution joins each group's inputs with its
+outputs (so only whole groups go). A Linear/Conv (``groups=1``) starts new slots: its inputs are *sinks*, whose
+removal is exact when the slot is zero or the layer's columns for it are all zero.
 
 Zero analysis, per slot: a gate with ``theta <= 0``, a layer row whose weights are zero wherever its input is not
 (with zero bias), a BatchNorm entry with zero weight and bias, and what zero-preserving ops (ReLU, GELU, SiLU, tanh,
-dropout, pooling, ``mul`` by anything, ``add`` of zeros, ``cat``, reshapes) make of those.
+hardtanh, dropout, pooling, zero padding, positive powers, ``mul`` by anything, ``add`` of zeros, ``cat``, reshapes)
+make of those.
 
 Anything else is a **barrier**: the graph's inputs and outputs, unknown ops, norms that mix channels (LayerNorm,
-GroupNorm, RMSNorm), reductions over the channel dimension, modules called twice, shapes written as literal numbers
-in ``view``/``reshape``. A barrier pins the slots it reads, and a group with a pinned slot is kept, with the reason.
+GroupNorm, RMSNorm's mean over channels), reductions over the channel dimension, modules called twice, shared
+(tied) parameters, in-place ops on tensors read elsewhere, attention's split of channels into heads. A barrier pins
+the slots it reads, and a group with a pinned slot is kept, with the reason.
 
 A group can be removed when nothing pins it, every sink in it reads a zero or unread channel, and it has at least one
-sink; removing it slices producer rows, BatchNorm and gate entries, grouped-conv groups, consumer columns and
-``split`` sizes, which leaves every output unchanged.
+sink. Removing it applies :attr:`ChannelGraph.slices` (producer rows, consumer columns, biases, BatchNorm entries and
+statistics, gates, per-channel operands), :attr:`ChannelGraph.sizes` (literal sizes, ``split`` sections, conv
+``groups``), which leaves every output unchanged.
 """
 
 from __future__ import annotations
@@ -29,7 +37,7 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
@@ -38,56 +46,107 @@ import torch.nn.functional as F
 
 from ..passes.filter_gates import FilterGate
 
-__all__ = ["ChannelGraph", "Channels", "LAYERS", "NORMS"]
+__all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size"]
 
-LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
-NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+aten = torch.ops.aten
+_LINEAR_MODULES = (nn.Linear,)
+_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Dropout,
                  nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
 _POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
                  nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
                  nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
 _CHANNEL_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # keep channels apart but map 0 to a non-zero value
-_ZERO_FUNCTIONS = {torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.elu, F.hardswish,
-                   F.dropout, torch.dropout}
-_POOL_FUNCTIONS = {F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                   F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d}
-_CHANNEL_FUNCTIONS = {torch.sigmoid, F.sigmoid, F.hardsigmoid}
-_ZERO_METHODS = {"relu", "tanh", "contiguous"}
-_CHANNEL_METHODS = {"sigmoid"}
-_BINARY = {operator.add: "add", torch.add: "add", "add": "add", operator.sub: "sub", torch.sub: "sub", "sub": "sub",
-           operator.mul: "mul", torch.mul: "mul", "mul": "mul", operator.truediv: "div", torch.div: "div",
-           "div": "div"}
-_RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape}
-_SPLITS = {torch.split: "split", "split": "split", torch.chunk: "chunk", "chunk": "chunk"}
-_REDUCTIONS = {torch.mean, "mean", torch.sum, "sum"}
+# element-wise ops by what they make of a zero: "zero" keeps it, "channel" does not; "pool" works on dims after 1
+_ELEMENTWISE = {
+    **dict.fromkeys([torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.elu, F.hardswish,
+                     F.dropout, torch.dropout, "relu", "tanh", "contiguous", aten.relu.default, aten.relu_.default,
+                     aten.gelu.default, aten.silu.default, aten.silu_.default, aten.tanh.default,
+                     aten.hardswish.default, aten.dropout.default, aten.dropout_.default, aten.contiguous.default,
+                     aten.clone.default, aten.relu6.default, aten.leaky_relu.default, aten.elu.default], "zero"),
+    **dict.fromkeys([F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
+                     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
+                     aten.max_pool1d.default, aten.max_pool2d.default, aten.avg_pool1d.default,
+                     aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default],
+                    "pool"),
+    **dict.fromkeys([torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", aten.sigmoid.default,
+                     aten.hardsigmoid.default], "channel"),
+}
+_BINARY = {operator.add: "add", torch.add: "add", "add": "add", aten.add.Tensor: "add", aten.add_.Tensor: "add",
+           operator.sub: "sub", torch.sub: "sub", "sub": "sub", aten.sub.Tensor: "sub",
+           operator.mul: "mul", torch.mul: "mul", "mul": "mul", aten.mul.Tensor: "mul", aten.mul_.Tensor: "mul",
+           operator.truediv: "div", torch.div: "div", "div": "div", aten.div.Tensor: "div"}
+_IN_PLACE = {aten.add_.Tensor, aten.mul_.Tensor, aten.relu_.default, aten.silu_.default, aten.dropout_.default,
+             aten.hardtanh_.default}
+_RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
+             aten.flatten.using_ints}
+_SPLITS = {torch.split, "split", torch.chunk, "chunk", aten.split.Tensor, aten.split_with_sizes.default,
+           aten.chunk.default}
+_REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", aten.mean.dim, aten.sum.dim_IntList}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_PERMUTES = {aten.permute.default, "permute", torch.permute, aten.transpose.int, "transpose", torch.transpose}
+_HEAD_OPS = _RESHAPES | _PERMUTES | {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
 
 @dataclass
 class Channels:
-    """The slots of one tensor: ``ids[i]`` is the slot of channel ``i`` along dimension ``dim`` (non-negative)."""
+    """The slots of one tensor: ``ids[i]`` is the slot of channel ``i`` along dimension ``dim`` (non-negative).
+
+    Attention splits channels into heads: then ``inner`` (the head size) > 1 and channel ``i`` sits at index
+    ``i // inner`` of ``dim`` (heads) and ``i % inner`` of ``inner_dim``.
+    """
 
     dim: int
     ids: torch.Tensor  # int64, (channels,)
+    inner: int = 1
+    inner_dim: int = -1
+
+
+@dataclass(frozen=True)
+class Ref:
+    """A tensor attribute ``name`` of module ``owner`` (a parameter or a buffer), by reference."""
+
+    owner: nn.Module
+    name: str
+
+    @property
+    def tensor(self) -> torch.Tensor:
+        """The tensor itself."""
+        return getattr(self.owner, self.name)
 
 
 @dataclass
-class Split:
-    """A ``split``/``chunk`` along the channel dimension: the slots of the input and each section's size."""
+class Slice:
+    """On removal, keep along ``dim`` of ``ref`` the channels of ``node`` that stay; ``output``: ``node`` is what the
+    tensor's owner produces (rows, biases, norm entries, gates), not what it reads (columns)."""
 
-    source: Channels
-    sizes: list[int]
+    ref: Ref
+    dim: int
+    node: fx.Node
+    output: bool = True
+
+
+@dataclass
+class Size:
+    """On removal, set the argument that ``write(new_value)`` sets: ``value(kept channels of node)`` (a literal
+    size, ``split`` sections, a conv's ``groups``)."""
+
+    node: fx.Node
+    value: Callable[[torch.Tensor], object]
+    write: Callable[[object], None]
 
 
 class ChannelGraph:
     """The dependency groups of ``gm`` (see the module docstring).
 
     Args:
-        gm: a symbolically traced GraphModule whose nodes carry ``meta["tensor_meta"]`` (``ShapeProp``).
+        gm: a GraphModule (symbolically traced or exported) whose nodes carry ``meta["tensor_meta"]`` (``ShapeProp``).
 
     Attributes:
         channels: node -> :class:`Channels` for every tracked tensor.
-        splits: ``split``/``chunk`` node -> :class:`Split`.
+        slices: what removal slices; sizes: which arguments removal rewrites.
+        layers: node -> the module it calls (``call_module`` layers and BatchNorms), whose size attributes follow.
 
     Raises nothing: whatever it does not understand becomes a barrier.
     """
@@ -95,7 +154,10 @@ class ChannelGraph:
     def __init__(self, gm: fx.GraphModule):
         self.gm = gm
         self.channels: dict[fx.Node, Channels] = {}
-        self.splits: dict[fx.Node, Split] = {}
+        self.slices: list[Slice] = []
+        self.sizes: list[Size] = []
+        self.layers: dict[fx.Node, nn.Module] = {}
+        self._splits: dict[fx.Node, tuple[Channels, list[int]]] = {}
         self._parent: list[int] = []
         self._zero: list[bool] = []
         self._pinned: dict[int, str] = {}  # slot -> why it cannot be removed
@@ -142,7 +204,14 @@ class ChannelGraph:
             if arg in self.channels:
                 self._pin(self.channels[arg].ids, why)
 
-    # shapes ------------------------------------------------------------------------------------------------------
+    def _sink(self, ids: torch.Tensor, exact: torch.Tensor, reader: str) -> None:
+        for slot, ok in zip(ids.tolist(), exact.tolist()):
+            if not ok:
+                self._read[slot] = f"{reader} reads them while they are non-zero"
+            else:
+                self._read.setdefault(slot, "")
+
+    # shapes and attributes ---------------------------------------------------------------------------------------
     @staticmethod
     def _shape(node) -> Optional[torch.Size]:
         meta = node.meta.get("tensor_meta") if isinstance(node, fx.Node) else None
@@ -151,12 +220,11 @@ class ChannelGraph:
     def _get(self, node: fx.Node, dim: int) -> torch.Tensor:
         """The slots of ``node`` along ``dim``; an untracked tensor gets pinned slots (its channels are fixed)."""
         tracked = self.channels.get(node)
-        if tracked is not None and tracked.dim == dim:
+        if tracked is not None and tracked.dim == dim and tracked.inner == 1:
             return tracked.ids
         if tracked is not None:
             self._pin(tracked.ids, f"{node.name} is read along dim {dim}, but its channels are on dim {tracked.dim}")
-        size = self._shape(node)[dim]
-        ids = self._new(torch.zeros(size, dtype=torch.bool))
+        ids = self._new(torch.zeros(self._shape(node)[dim], dtype=torch.bool))
         self._pin(ids, f"the channels of {node.name} come from outside the tracked graph (an input, a constant or a "
                        "barrier)")
         return ids
@@ -168,7 +236,18 @@ class ChannelGraph:
         """``node``'s channel ``i`` depends on ``source``'s channel ``i`` alone, with its own zero flags."""
         ids = self._new(zero)
         self._join(source.ids, ids)
-        self._set(node, source.dim, ids)
+        self.channels[node] = Channels(source.dim, ids, source.inner, source.inner_dim)
+
+    def _ref(self, node) -> Optional[Ref]:
+        """The parameter or buffer a ``get_attr`` node read by one op reads (``None`` for anything else: a shared
+        tensor, whose slicing would change another reader)."""
+        if not isinstance(node, fx.Node) or node.op != "get_attr" or len(node.users) != 1:
+            return None
+        owner, _, name = node.target.rpartition(".")
+        return Ref(self.gm.get_submodule(owner), name)
+
+    def _module_ref(self, module: nn.Module, name: str) -> Optional[Ref]:
+        return Ref(module, name) if getattr(module, name, None) is not None else None
 
     # ops ---------------------------------------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> None:
@@ -177,103 +256,148 @@ class ChannelGraph:
             return
         if node.op in ("placeholder", "get_attr"):
             return
-        handled = self._dispatch(node)
+        if node.target in _IN_PLACE and len(node.args[0].users) > 1:
+            handled = f"{_describe(node)} changes {node.args[0].name} in place while others read it"
+        else:
+            handled = self._dispatch(node)
         if handled is not True:
             self._pin_inputs(node, handled or f"{_describe(node)} reads them, and it is not known to keep channels "
                                               "apart")
 
     def _dispatch(self, node: fx.Node):
         """Handle ``node``: ``True``, or a reason (``None`` for the generic one) to pin what it reads."""
+        target, args = node.target, node.args
+        heads = [a for a in node.all_input_nodes if a in self.channels and self.channels[a].inner > 1]
+        if heads and not (target in _HEAD_OPS or _ELEMENTWISE.get(target) in ("zero", "channel")):
+            return f"{_describe(node)} reads attention heads, and it is not known to keep them apart"
+        if target in (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention):
+            return self._attention(node)
         if node.op == "call_module":
-            if node.target in self._twice:
-                return f"module {node.target!r} is called more than once"
-            module = self.gm.get_submodule(node.target)
-            if isinstance(module, LAYERS):
-                return self._layer(node, module)
-            if isinstance(module, NORMS):
-                return self._batch_norm(node, module)
-            if isinstance(module, FilterGate):
-                return self._gate(node, module)
-            if isinstance(module, nn.Flatten):
-                return self._reshape(node)
-            kind = ("zero" if isinstance(module, _ZERO_MODULES) else "pool" if isinstance(module, _POOL_MODULES)
-                    else "channel" if isinstance(module, _CHANNEL_MODULES) else None)
-            return self._elementwise(node, kind) if kind else None
-        target = node.target
+            return self._call_module(node)
         if node.op == "call_method" and target == "size":
-            return True if node.args[1:] == (0,) or node.kwargs == {"dim": 0} else "their sizes are read"
-        if target in _ZERO_FUNCTIONS or target in _ZERO_METHODS:
-            return self._elementwise(node, "zero")
-        if target in _POOL_FUNCTIONS:
-            return self._elementwise(node, "pool")
-        if target in _CHANNEL_FUNCTIONS or target in _CHANNEL_METHODS:
-            return self._elementwise(node, "channel")
+            return True if args[1:] == (0,) or node.kwargs == {"dim": 0} else "their sizes are read"
+        if target in _ELEMENTWISE:
+            return self._elementwise(node, _ELEMENTWISE[target])
+        if target in (aten.hardtanh.default, aten.hardtanh_.default):
+            low, high = (list(args[1:]) + [-1.0, 1.0][len(args) - 1:])[:2]
+            return self._elementwise(node, "zero" if low <= 0 <= high else "channel")
+        if target is aten.pow.Tensor_Scalar:
+            return self._elementwise(node, "zero" if args[1] > 0 else "channel")
+        if target in (F.pad, aten.pad.default):
+            return self._pad(node)
         if target in _BINARY:
             return self._binary(node, _BINARY[target])
-        if target in (torch.cat, torch.concat):
+        if target in (torch.cat, torch.concat, aten.cat.default):
             return self._cat(node)
         if target in _RESHAPES:
             return self._reshape(node)
+        if target in _PERMUTES:
+            return self._permute(node)
+        if target in (torch.unsqueeze, "unsqueeze", aten.unsqueeze.default):
+            return self._unsqueeze(node)
+        if target in (aten.select.int, aten.slice.Tensor):
+            return self._index(node)
         if target in _SPLITS:
-            return self._split(node, _SPLITS[target])
-        if target is operator.getitem and node.args[0] in self.splits:
+            return self._split(node)
+        if target is operator.getitem and args[0] in self._splits:
             return self._section(node)
         if target in _REDUCTIONS:
             return self._reduce(node)
-        if target in (torch.unsqueeze, "unsqueeze"):
-            return self._unsqueeze(node)
+        if target is aten.linear.default:
+            return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
+                               conv=False)
+        if target in _CONVS:
+            return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None,
+                               args[6] if len(args) > 6 else 1, False, conv=True)
+        if target is aten.addmm.default and len(args) == 3 and not node.kwargs:  # transformers' Conv1D
+            return self._layer(node, args[1], self._ref(args[2]), args[0], 1, True, conv=False)
+        if target is aten.batch_norm.default:
+            refs = [self._ref(a) if a is not None else False for a in args[1:5]]
+            return self._batch_norm(node, refs)
         return None
 
-    def _layer(self, node: fx.Node, layer: nn.Module):
-        x, shape = node.args[0], self._shape(node)
-        dim = len(shape) - 1 if isinstance(layer, nn.Linear) else 1
-        groups = getattr(layer, "groups", 1)
-        if groups != 1 or x in self.channels:
-            in_ids = self._get(x, dim)
-        else:
-            in_ids = None
-        weight = layer.weight.detach()
-        weight = weight.reshape(weight.shape[0], weight.shape[1], -1)  # (out, in / groups, kernel positions)
-        in_zero = self.zero(in_ids) if in_ids is not None else torch.zeros(weight.shape[1] * groups, dtype=torch.bool)
-        bias_zero = layer.bias.detach() == 0 if layer.bias is not None else torch.ones(weight.shape[0], dtype=bool)
-        per_group_out = weight.shape[0] // groups
-        # column (i) of row (j) contributes nothing when its weights are zero or its input is
-        group_in = in_zero.reshape(groups, 1, -1).expand(groups, per_group_out, -1).reshape(weight.shape[0], -1)
-        silent = (weight == 0).all(-1) | group_in
-        out_ids = self._new(bias_zero & silent.all(1))
-        self._set(node, 1 if dim == 1 else len(shape) - 1, out_ids)
+    def _call_module(self, node: fx.Node):
+        if node.target in self._twice:
+            return f"module {node.target!r} is called more than once"
+        module = self.gm.get_submodule(node.target)
+        if isinstance(module, (*_LINEAR_MODULES, *_CONV_MODULES)):
+            self.layers[node] = module
+            return self._layer(node, node.args[0], Ref(module, "weight"), self._module_ref(module, "bias"),
+                               getattr(module, "groups", 1), False, conv=isinstance(module, _CONV_MODULES))
+        if isinstance(module, _NORM_MODULES):
+            self.layers[node] = module
+            return self._batch_norm(node, [self._module_ref(module, n) or False for n in (
+                "weight", "bias", "running_mean", "running_var")])
+        if isinstance(module, FilterGate):
+            return self._gate(node, module)
+        if isinstance(module, nn.Flatten):
+            return self._reshape(node)
+        kind = ("zero" if isinstance(module, _ZERO_MODULES) else "pool" if isinstance(module, _POOL_MODULES)
+                else "channel" if isinstance(module, _CHANNEL_MODULES) else None)
+        return self._elementwise(node, kind) if kind else None
+
+    def _layer(self, node: fx.Node, x: fx.Node, weight: Optional[Ref], bias, groups: int, transposed: bool,
+               conv: bool):
+        """A Linear/Conv (``transposed``: the weight is stored ``(in, out)``, as by transformers' Conv1D)."""
+        if bias is not None and not isinstance(bias, Ref):
+            bias = self._ref(bias)
+            if bias is None:
+                return "its bias is not a parameter read by this layer alone"
+        if weight is None or not isinstance(groups, int):
+            return "its weight is not a parameter read by this layer alone"
+        shape = self._shape(node)
+        dim = 1 if conv else len(shape) - 1
+        in_ids = self._get(x, dim) if groups != 1 or x in self.channels else None
+        w = weight.tensor.detach()
+        w = w.t() if transposed else w
+        w = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in / groups, kernel positions)
+        out, per_group_out = w.shape[0], w.shape[0] // groups
+        in_zero = self.zero(in_ids) if in_ids is not None else torch.zeros(w.shape[1] * groups, dtype=torch.bool)
+        bias_zero = bias.tensor.detach() == 0 if bias is not None else torch.ones(out, dtype=torch.bool)
+        # column i of row j contributes nothing when its weights are zero or its input is
+        group_in = in_zero.reshape(groups, 1, -1).expand(groups, per_group_out, -1).reshape(out, -1)
+        out_ids = self._new(bias_zero & ((w == 0).all(-1) | group_in).all(1))
+        self._set(node, dim, out_ids)
+        self.slices.append(Slice(weight, 1 if transposed else 0, node))
+        if bias is not None:
+            self.slices.append(Slice(bias, 0, node))
         if groups == 1:
             if in_ids is not None:
-                unread = (weight == 0).all(-1).all(0)
-                for slot, ok in zip(in_ids.tolist(), (in_zero | unread).tolist()):
-                    if not ok:
-                        self._read[slot] = f"{node.target!r} reads them while they are non-zero"
-                    else:
-                        self._read.setdefault(slot, "")
+                self._sink(in_ids, in_zero | (w == 0).all(-1).all(0), _describe(node))
+                self.slices.append(Slice(weight, 0 if transposed else 1, x, output=False))
             return True
         ins, outs = in_ids.reshape(groups, -1), out_ids.reshape(groups, -1)
         for g in range(groups):  # a group's inputs and outputs go together: removal takes whole groups
             members = torch.cat([ins[g], outs[g]])
             self._join(members[:1].expand(len(members)), members)
+        if node.op == "call_function":
+            self.sizes.append(Size(node, lambda keep, n=groups, o=out: n * len(keep) // o,
+                                   lambda v, node=node: _set_arg(node, 6, v)))
         return True
 
-    def _batch_norm(self, node: fx.Node, norm: nn.Module):
+    def _batch_norm(self, node: fx.Node, refs: list):
+        """``refs``: weight, bias, running mean, running var (``False`` where absent, ``None`` where not sliceable)."""
         x = node.args[0]
         if x not in self.channels:
-            return "the BatchNorm's input channels are not tracked"
+            return True
+        if any(r is None for r in refs):
+            return "the BatchNorm's tensors are shared or not parameters"
         source = Channels(1, self._get(x, 1))
-        zero = (norm.weight.detach() == 0) & (norm.bias.detach() == 0) if norm.affine else \
-            torch.zeros(norm.num_features, dtype=torch.bool)
+        weight, bias = refs[0], refs[1]
+        zero = (weight.tensor.detach() == 0) & (bias.tensor.detach() == 0) if weight and bias else \
+            torch.zeros(len(source.ids), dtype=torch.bool)
         self._derived(node, source, zero)
+        self.slices += [Slice(r, 0, node) for r in refs if r]
         return True
 
     def _gate(self, node: fx.Node, gate: FilterGate):
         x = node.args[0]
         if x not in self.channels:
-            return "the gate's input channels are not tracked"
+            return True
         dim = gate.channel_dim % len(self._shape(node))
         source = Channels(dim, self._get(x, dim))
         self._derived(node, source, self.zero(source.ids) | (gate.theta.detach() <= 0))
+        self.slices.append(Slice(Ref(gate, "theta"), 0, node))
         return True
 
     def _elementwise(self, node: fx.Node, kind: str):
@@ -288,24 +412,36 @@ class ChannelGraph:
         if kind == "channel":
             self._derived(node, source, torch.zeros(len(source.ids), dtype=torch.bool))
         else:
-            self._set(node, source.dim, source.ids)
+            self.channels[node] = source
+        return True
+
+    def _pad(self, node: fx.Node):
+        source = self.channels.get(node.args[0])
+        if source is None:
+            return True
+        pad = node.args[1]
+        mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
+        value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)
+        if len(self._shape(node)) - len(pad) // 2 <= source.dim:
+            return f"{_describe(node)} pads the channel dim"
+        self._set(node, source.dim, source.ids) if mode == "constant" and not value else \
+            self._derived(node, source, torch.zeros(len(source.ids), dtype=torch.bool))
         return True
 
     def _binary(self, node: fx.Node, op: str):
         shape = self._shape(node)
         tracked = [a for a in node.args if a in self.channels]
-        if not tracked or shape is None:
-            return True if not tracked else None
+        if not tracked:
+            return True
         dims = {self.channels[a].dim + len(shape) - len(self._shape(a)) for a in tracked}
         if len(dims) != 1:
             return "operands have their channels on different dims"
         dim = dims.pop()
-        size = shape[dim]
         taking, others_nonzero = [], False
-        for i, a in enumerate(node.args):
+        for i, a in enumerate(node.args[:2]):
             a_shape = self._shape(a)
             if a_shape is None:  # a Python number
-                others_nonzero |= not (isinstance(a, (int, float)) and a == 0 and op in ("add", "sub"))
+                others_nonzero |= not (a == 0 and op in ("add", "sub"))
                 continue
             a_dim = dim - (len(shape) - len(a_shape))
             if a_dim < 0 or a_shape[a_dim] == 1:
@@ -313,19 +449,30 @@ class ChannelGraph:
                     return f"{a.name} is broadcast along the channel dim"
                 others_nonzero = True
                 continue
-            taking.append((i, self._get(a, a_dim)))
-        zeros = [self.zero(ids) for _, ids in taking]
+            taking.append((i, self._operand(node, a, a_dim)))
+        zeros = torch.stack([self.zero(ids) for _, ids in taking])
         if op == "mul":
-            zero = torch.stack(zeros).any(0)
+            zero = zeros.any(0)
         elif op == "div":
-            zero = zeros[0] if taking[0][0] == 0 else torch.zeros(size, dtype=torch.bool)
+            zero = zeros[0] if taking[0][0] == 0 else torch.zeros(shape[dim], dtype=torch.bool)
         else:
-            zero = torch.stack(zeros).all(0) & (not others_nonzero)
+            zero = zeros.all(0) & (not others_nonzero)
         ids = self._new(zero)
         for _, operand in taking:
             self._join(operand, ids)
         self._set(node, dim, ids)
         return True
+
+    def _operand(self, node: fx.Node, a: fx.Node, dim: int) -> torch.Tensor:
+        """Slots of a binary op's operand; a per-channel parameter (a bias, a layer scale) read by this op alone gets
+        slots of its own, zero where it is zero, and is sliced with them."""
+        ref = self._ref(a) if a not in self.channels else None
+        if ref is None:
+            return self._get(a, dim)
+        value = ref.tensor.detach()
+        ids = self._new((value == 0).movedim(dim, 0).reshape(value.shape[dim], -1).all(1))
+        self.slices.append(Slice(ref, dim, node))
+        return ids
 
     def _cat(self, node: fx.Node):
         tensors = node.args[0]
@@ -338,10 +485,10 @@ class ChannelGraph:
         if len(dims) != 1:
             return "operands have their channels on different dims"
         dim = dims.pop()
-        if cat_dim % ndim == dim:
-            self._set(node, dim, torch.cat([self._get(a, dim) for a in tensors]))
-            return True
         parts = [self._get(a, dim) for a in tensors]
+        if cat_dim % ndim == dim:
+            self._set(node, dim, torch.cat(parts))
+            return True
         ids = self._new(torch.stack([self.zero(p) for p in parts]).all(0))
         for p in parts:
             self._join(p, ids)
@@ -349,69 +496,72 @@ class ChannelGraph:
         return True
 
     def _reshape(self, node: fx.Node):
-        x = node.args[0]
-        source = self.channels.get(x)
+        source = self.channels.get(node.args[0])
         if source is None:
             return True
-        if node.op != "call_module" and node.target in ("view", "reshape", torch.reshape) and \
-                not self._shape_free(node):
-            return f"{_describe(node)} writes a size as a number, which removal would make wrong"
-        before, after = self._shape(x), self._shape(node)
-        d = source.dim
-        if tuple(after[:d + 1]) == tuple(before[:d + 1]):  # the channel dim and those before it untouched
-            self._set(node, d, source.ids)
-        elif tuple(after) == (*before[:d], math.prod(before[d:])):  # the channel dim and those after it merged
-            self._set(node, d, source.ids.repeat_interleave(math.prod(before[d + 1:])))
+        before, after, d = tuple(self._shape(node.args[0])), tuple(self._shape(node)), source.dim
+        inner, inner_dim, count = 1, -1, len  # count: the channel position's size from the kept channels
+        if source.inner > 1:
+            if before == after:
+                out_dim, ids, inner, inner_dim = d, source.ids, source.inner, source.inner_dim
+                count = (lambda keep, n=source.inner: len(keep) // n)
+            elif source.inner_dim == d + 1 == len(before) - 1 and after == (*before[:d], before[d] * before[d + 1]):
+                out_dim, ids = d, source.ids  # heads merged back into channels
+            else:
+                return f"{_describe(node)} reshapes attention heads"
+        elif after[:d + 1] == before[:d + 1]:  # the channel dim and those before it untouched
+            out_dim, ids = d, source.ids
+        elif d == len(before) - 1 and after[-1] == before[-1]:  # leading dims reshaped, channels last
+            out_dim, ids = len(after) - 1, source.ids
+        elif after == (*before[:d], math.prod(before[d:])):  # the channel dim and those after it merged
+            out_dim, ids = d, source.ids.repeat_interleave(math.prod(before[d + 1:]))
+        elif d == len(before) - 1 and after[:d] == before[:d] and len(after) == d + 2 and \
+                after[d] * after[d + 1] == before[d]:  # channels split into heads (attention)
+            out_dim, ids, inner, inner_dim = d, source.ids, after[d + 1], d + 1
+            count = (lambda keep, n=after[d + 1]: len(keep) // n)
         else:
             return f"{_describe(node)} mixes the channel dim with others"
+        if node.target in ("view", "reshape", torch.reshape, aten.view.default, aten.reshape.default):
+            sizes = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            if isinstance(sizes[out_dim], int) and sizes[out_dim] != -1:  # a literal channel (or head) count
+                self.sizes.append(Size(node, count, lambda v, node=node, i=out_dim: _set_size(node, i, v)))
+        self.channels[node] = Channels(out_dim, ids, inner, inner_dim)
         return True
 
-    def _shape_free(self, node: fx.Node) -> bool:
-        """A ``view``/``reshape`` whose sizes are ``-1`` or the batch size read from a tensor (``x.size(0)``)."""
-        sizes = node.args[1:]
-        if len(sizes) == 1 and isinstance(sizes[0], (tuple, list)):
-            sizes = sizes[0]
-        return all(s == -1 or (isinstance(s, fx.Node) and s.target == "size") for s in sizes)
+    def _attention(self, node: fx.Node):
+        """``scaled_dot_product_attention(q, k, v, mask, ...)`` on ``(batch, heads, tokens, head size)``: a head's
+        output is zero where its values are; a head's queries, keys, values and outputs go together (whole heads),
+        so the softmax scale (from the unchanged head size, or given) stays."""
+        q, k, v = node.args[:3]
+        parts = [self.channels.get(a) for a in (q, k, v)]
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        if any(p is None or (p.dim, p.inner_dim) != (1, 3) for p in parts) or len({len(p.ids) for p in parts}) != 1 \
+                or len({p.inner for p in parts}) != 1 or node.kwargs.get("enable_gqa"):
+            return "attention whose queries, keys and values are not all split into the same heads"
+        if isinstance(mask, fx.Node) and self._shape(mask)[1] != 1:
+            return "its attention mask differs per head"
+        inner = parts[0].inner
+        ids = self._new(self.zero(parts[2].ids))
+        for head in range(len(ids) // inner):
+            members = torch.cat([p.ids[head * inner:(head + 1) * inner] for p in (*parts, Channels(1, ids))])
+            self._join(members[:1].expand(len(members)), members)
+        self.channels[node] = Channels(1, ids, inner, 3)
+        return True
 
-    def _split(self, node: fx.Node, kind: str):
-        x = node.args[0]
-        source = self.channels.get(x)
+    def _permute(self, node: fx.Node):
+        source = self.channels.get(node.args[0])
         if source is None:
             return True
-        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
-        if any(u.target is not operator.getitem for u in node.users):
-            return f"{_describe(node)}'s result is used other than by indexing"
-        metas = node.meta.get("tensor_meta")
-        if dim % len(self._shape(x)) == source.dim:
-            self.splits[node] = Split(source, [m.shape[source.dim] for m in metas])
+        ndim = len(self._shape(node))
+        if node.target in (aten.transpose.int, "transpose", torch.transpose):
+            a, b = (d % ndim for d in node.args[1:3])
+            order = list(range(ndim))
+            order[a], order[b] = b, a
         else:
-            self.splits[node] = Split(source, [])
-        return True
-
-    def _section(self, node: fx.Node):
-        split = self.splits[node.args[0]]
-        k, source = node.args[1], split.source
-        if not split.sizes:
-            self._set(node, source.dim, source.ids)
-        else:
-            start = sum(split.sizes[:k])
-            self._set(node, source.dim, source.ids[start:start + split.sizes[k]])
-        return True
-
-    def _reduce(self, node: fx.Node):
-        x = node.args[0]
-        source = self.channels.get(x)
-        if source is None:
-            return True
-        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None:
-            return f"{_describe(node)} reduces over every dim"
-        ndim = len(self._shape(x))
-        dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
-        if source.dim in dims:
-            return f"{_describe(node)} reduces over the channel dim"
-        self._set(node, source.dim - (0 if keepdim else sum(d < source.dim for d in dims)), source.ids)
+            dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
+            order = [d % ndim for d in dims]
+        inner_dim = order.index(source.inner_dim) if source.inner > 1 else -1
+        self.channels[node] = Channels(order.index(source.dim), source.ids, source.inner, inner_dim)
         return True
 
     def _unsqueeze(self, node: fx.Node):
@@ -419,6 +569,60 @@ class ChannelGraph:
         if source is not None:
             dim = (node.args[1] if len(node.args) > 1 else node.kwargs["dim"]) % len(self._shape(node))
             self._set(node, source.dim + (dim <= source.dim), source.ids)
+        return True
+
+    def _index(self, node: fx.Node):
+        """``select``/``slice`` along a dim other than the channels'."""
+        source = self.channels.get(node.args[0])
+        if source is None:
+            return True
+        dim = node.args[1] % len(self._shape(node.args[0]))
+        if dim == source.dim:
+            return f"{_describe(node)} indexes the channel dim"
+        dropped = node.target is aten.select.int and dim < source.dim
+        self._set(node, source.dim - dropped, source.ids)
+        return True
+
+    def _split(self, node: fx.Node):
+        source = self.channels.get(node.args[0])
+        if source is None:
+            return True
+        dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim", 0)
+        if any(u.target is not operator.getitem for u in node.users):
+            return f"{_describe(node)}'s result is used other than by indexing"
+        if dim % len(self._shape(node.args[0])) != source.dim:
+            self._splits[node] = (source, [])
+            return True
+        sizes = [m.shape[source.dim] for m in node.meta["tensor_meta"]]
+        self._splits[node] = (source, sizes)
+        bounds = torch.tensor(sizes).cumsum(0)
+
+        def sections(keep: torch.Tensor) -> list[int]:
+            return torch.bucketize(keep, bounds, right=True).bincount(minlength=len(bounds)).tolist()
+
+        self.sizes.append(Size(node.args[0], sections, lambda v, node=node: _as_split(node, v)))
+        return True
+
+    def _section(self, node: fx.Node):
+        source, sizes = self._splits[node.args[0]]
+        k = node.args[1]
+        start = sum(sizes[:k])
+        self._set(node, source.dim, source.ids[start:start + sizes[k]] if sizes else source.ids)
+        return True
+
+    def _reduce(self, node: fx.Node):
+        source = self.channels.get(node.args[0])
+        if source is None:
+            return True
+        dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
+        if dims is None:
+            return f"{_describe(node)} reduces over every dim"
+        ndim = len(self._shape(node.args[0]))
+        dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
+        if source.dim in dims:
+            return f"{_describe(node)} reduces over the channel dim"
+        self._set(node, source.dim - (0 if keepdim else sum(d < source.dim for d in dims)), source.ids)
         return True
 
     # groups ------------------------------------------------------------------------------------------------------
@@ -444,6 +648,34 @@ class ChannelGraph:
         """Indices (int64) of ``node``'s channels that stay when the groups ``removed`` go."""
         ids = self.channels[node].ids.tolist()
         return torch.tensor([i for i, s in enumerate(ids) if self.root(s) not in removed], dtype=torch.long)
+
+
+def _set_arg(node: fx.Node, index: int, value) -> None:
+    args = list(node.args)
+    args += [None] * (index + 1 - len(args))
+    args[index] = value
+    node.args = tuple(args)
+
+
+def _set_size(node: fx.Node, index: int, value: int) -> None:
+    """Set entry ``index`` of a view/reshape's sizes (a list argument, or varargs of a tensor method)."""
+    if isinstance(node.args[1], (list, tuple)):
+        sizes = list(node.args[1])
+        sizes[index] = value
+        _set_arg(node, 1, sizes)
+    else:
+        _set_arg(node, 1 + index, value)
+
+
+def _as_split(node: fx.Node, sizes: list[int]) -> None:
+    """Make a ``split``/``chunk`` node a split into ``sizes`` along its dim."""
+    if node.op == "call_method":
+        node.target = "split"
+    elif node.target in (aten.split.Tensor, aten.chunk.default, aten.split_with_sizes.default):
+        node.target = aten.split_with_sizes.default
+    else:
+        node.target = torch.split
+    _set_arg(node, 1, sizes)
 
 
 def _describe(node: fx.Node) -> str:
