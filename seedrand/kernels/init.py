@@ -19,7 +19,7 @@ import re
 
 import torch
 
-from . import philox
+from . import cpu_philox, philox
 
 __all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate", "sample", "sample_at"]
 
@@ -101,7 +101,10 @@ def sample(seed: int, shape: tuple[int, ...], kind: str, scale: float, dtype: to
     Raises:
         ValueError: ``kind`` is neither ``"uniform"`` nor ``"normal"``.
     """
-    offsets = torch.arange(start, start + math.prod(shape), dtype=torch.int64, device=device)
+    n = math.prod(shape)
+    if torch.device(device).type == "cpu":  # a range: the CPU Philox needs no counter tensor
+        return sample_at(seed, range(start, start + n), kind, scale, dtype).reshape(shape)
+    offsets = torch.arange(start, start + n, dtype=torch.int64, device=device)
     return sample_at(seed, offsets, kind, scale, dtype).reshape(shape)
 
 
@@ -114,7 +117,9 @@ def sample_at(seed: int, offsets: torch.Tensor, kind: str, scale: float,
     Raises:
         ValueError: ``kind`` is neither ``"uniform"`` nor ``"normal"``.
     """
-    if kind == "uniform":
+    if kind == "uniform" and cpu_philox.usable(offsets):
+        values = cpu_philox.symmetric_uniform(philox.check_seed(seed), philox.check_offsets(offsets), scale)
+    elif kind == "uniform":
         values = (2.0 * philox.rand(seed, offsets) - 1.0) * scale
     elif kind == "normal":
         values = philox.randn(seed, offsets) * scale

@@ -18,9 +18,11 @@ from .init import sample
 
 __all__ = ["regen_matmul", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
-# 256 KiB of float32 weight per block; the torch Philox path holds about 16 int64 temporaries per element while it
-# generates a block, so its transient memory is about 32 x this
-DEFAULT_CHUNK_BYTES = 2**18
+# 1 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
+# few rows that run well below peak (256 KiB cost 60% more time per step of a 4096 x 4096 layer), larger ones add to
+# the transient peak (4 MiB: 5% of the weights' bytes for benchmarks/random_mlp.py). The torch Philox path (other
+# devices) holds about 16 int64 temporaries per element while it generates, about 32 x this
+DEFAULT_CHUNK_BYTES = 2**20
 
 
 def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
