@@ -6,7 +6,10 @@ applies a policy to the captured graph instead (for quick experiments on models 
 names and classes come from each op's ``nn_module_stack``, parameters from Dynamo's placeholder sources
 (``L['self']._modules['fc1']._parameters['weight']`` is ``fc1.weight``); the user's module is never changed. Only
 actions with a captured-graph pass (``freeze``) are accepted. The graph then goes to Inductor (forward and backward
-through AOTAutograd). Fused regenerate-and-matmul kernels come with the kernels work.
+through AOTAutograd), or with ``options={"inductor": False}`` runs through AOTAutograd with eager kernels (for
+debugging). seedrand's regenerate ops (``seedrand::regen_matmul``, ``seedrand::regen_conv``,
+``seedrand::subspace_project``) stay single opaque nodes that Inductor calls: on CUDA tensors they run their Triton
+kernels (weight tiles generated in registers), on the CPU the numba Philox path.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .errors import SeedrandError
 
 __all__ = ["seedrand_backend"]
 
-_SUPPORTED_OPTIONS = frozenset({"policy"})
+_SUPPORTED_OPTIONS = frozenset({"policy", "inductor"})
 _SOURCE_PART = re.compile(r"\._(modules|parameters)\['([^']+)'\]")
 _STACK_INDEX = re.compile(r"\[(\d+)\]")
 
@@ -78,11 +81,12 @@ def seedrand_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optio
     Args:
         gm: the FX graph Dynamo captured (parameters lifted to placeholders).
         example_inputs: the real tensors (and Parameters) for ``gm``'s placeholders.
-        options: ``torch.compile(..., options=...)``: ``{"policy": Policy | path | dict}`` or nothing.
+        options: ``torch.compile(..., options=...)``: ``{"policy": Policy | path | dict, "inductor": bool}`` (both
+            optional; ``inductor`` defaults to ``True``).
         mode: ``torch.compile(..., mode=...)``, forwarded as Inductor's mode options.
 
     Returns:
-        The compiled callable from ``torch._inductor.compile_fx.compile_fx``.
+        The compiled callable from ``torch._inductor.compile_fx.compile_fx`` (or from the ``aot_eager`` backend).
 
     Raises:
         SeedrandError: an unsupported option; PolicyError: the policy is malformed, does not fit the captured
@@ -95,6 +99,8 @@ def seedrand_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optio
                             f"(supported: {sorted(_SUPPORTED_OPTIONS)})")
     if options.get("policy") is not None:
         gm = _apply_policy(gm, example_inputs, options["policy"])
+    if not options.get("inductor", True):
+        return torch._dynamo.lookup_backend("aot_eager")(gm, example_inputs)
     from torch._inductor.compile_fx import compile_fx
 
     config_patches = torch._inductor.list_mode_options(mode) if mode else None

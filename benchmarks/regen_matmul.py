@@ -1,0 +1,83 @@
+"""Regenerate-and-multiply against multiply-by-a-stored-weight.
+
+CUDA (when a GPU is present): ``seedrand::regen_matmul`` (the Triton kernel generating weight tiles in registers)
+against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 256, 4096} and K = N in
+{1024, 4096, 8192}, float16: time (ms, CUDA events via ``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s
+(bytes moved: x, y and, for the stored weight, W) and the time ratio.
+
+CPU (always): regeneration throughput of the numba Philox (G values/s) and one training step (forward, backward,
+no weight gradient) of a 4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen.
+
+Run: python benchmarks/regen_matmul.py [--cpu-only]
+"""
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn as nn
+
+import seedrand
+from seedrand.kernels.init import sample
+from seedrand.kernels.ops import regen_matmul
+
+
+def cuda_table() -> None:
+    import triton.testing
+
+    print(f"{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}{'regen TFLOP/s':>15}"
+          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}")
+    for kn in (1024, 4096, 8192):
+        w = torch.randn(kn, kn, device="cuda", dtype=torch.float16) * 0.01
+        for m in (1, 16, 256, 4096):
+            x = torch.randn(m, kn, device="cuda", dtype=torch.float16)
+            stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
+            regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False, 2**20))
+            flops, io = 2 * m * kn * kn, 2 * (2 * m * kn)
+            print(f"{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}{flops / regen / 1e9:>15.2f}"
+                  f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}")
+
+
+def step_ms(model: nn.Module, x: torch.Tensor, steps: int = 5) -> float:
+    times = []
+    for _ in range(steps + 1):
+        start = time.perf_counter()
+        model(x).square().mean().backward()
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times[1:])
+
+
+def cpu_figures() -> None:
+    n, chunk = 1 << 24, 1 << 18  # 16 M values in the 1 MiB blocks regen_matmul uses (a fresh 64 MiB buffer would
+    sample(0, (1,), "uniform", 1.0)  # mostly time page faults); the first call compiles / loads the kernels
+    best = float("inf")
+    for _ in range(3):
+        start = time.perf_counter()
+        for offset in range(0, n, chunk):
+            sample(3, (chunk,), "uniform", 0.1, start=offset)
+        best = min(best, time.perf_counter() - start)
+    print(f"CPU regeneration (U(-a, a), float32, 1 MiB blocks): {n / best / 1e9:.3f} G values/s, "
+          f"{torch.get_num_threads()} threads")
+    x = torch.randn(256, 4096, requires_grad=True)
+    layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
+    stored = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
+    regen = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "random": {}}]})
+    s, r = step_ms(stored, x), step_ms(regen, x)
+    print(f"training step, 4096 x 4096 layer, batch 256: stored {s:.1f} ms, regenerated {r:.1f} ms, "
+          f"ratio {r / s:.2f}x (target 1.3x)")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cpu-only", action="store_true")
+    args = parser.parse_args()
+    if torch.cuda.is_available() and not args.cpu_only:
+        cuda_table()
+    else:
+        print("no GPU: the CUDA table is skipped")
+    cpu_figures()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""The Triton regenerate-in-registers kernels (run on CPU tensors under TRITON_INTERPRET=1, set in conftest) against
+their torch references: weights bit for bit, matmuls within matmul tolerance, over odd shapes, dtypes, seeds,
+both directions, batch shapes and strides."""
+
+import pytest
+import torch
+
+from seedrand.kernels.init import sample
+from seedrand.kernels.ops import regen_conv, regen_matmul, regen_matmul_reference
+from seedrand.kernels.triton_regen import triton_regen_matmul, triton_regen_weight
+
+TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
+
+
+@pytest.mark.parametrize("normal", [False, True])
+@pytest.mark.parametrize("shape,start,seed", [((7, 13), 0, 3), ((33, 5), 1000, 2**62 + 7), ((1, 1, 3, 3), 2**33, 0)])
+def test_weight_fill_equals_reference(shape, start, seed, normal):
+    got = triton_regen_weight(seed, shape, 0.37, normal, torch.float32, "cpu", start=start, block=64)
+    expected = sample(seed, shape, "normal" if normal else "uniform", 0.37, start=start)
+    if normal:  # Box-Muller's log/cos: libm and the interpreter's numpy may differ in the last bit
+        torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    else:
+        assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("batch,out_features,in_features", [((5,), 19, 37), ((2, 3), 40, 17), ((1,), 1, 64)])
+def test_matmul_equals_reference(dtype, transpose, batch, out_features, in_features):
+    k = out_features if transpose else in_features
+    x = torch.randn(*batch, k, generator=torch.Generator().manual_seed(len(batch) + k)).to(dtype)
+    args = (1234567, out_features, in_features, 0.2, False, transpose)
+    got = triton_regen_matmul(x, *args)
+    expected = regen_matmul_reference(x, *args, 2**20)  # weight rounded to dtype, as the kernel's tiles
+    assert got.shape == expected.shape and got.dtype == dtype
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
+
+
+def test_normal_weights_and_strided_input():
+    x = torch.randn(9, 40, generator=torch.Generator().manual_seed(1))[:, ::2]  # (9, 20), stride 2 along K
+    got = triton_regen_matmul(x, 42, 11, 20, 0.5, True, False)
+    torch.testing.assert_close(got, regen_matmul_reference(x, 42, 11, 20, 0.5, True, False, 2**20), rtol=1e-5,
+                               atol=1e-5)
+
+
+def test_backward_is_the_transposed_kernel():
+    x = torch.randn(4, 24, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    regen_matmul(x, 5, 10, 24, 0.3, False, False, 2**20).square().sum().backward()
+    y = triton_regen_matmul(x.detach(), 5, 10, 24, 0.3, False, False)
+    grad = triton_regen_matmul(2 * y, 5, 10, 24, 0.3, False, True)  # d(sum y^2)/dx = (2 y) @ W
+    torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
+
+
+def test_cuda_kernels_are_registered():
+    assert torch._C._dispatch_has_kernel_for_dispatch_key("seedrand::regen_matmul", "CUDA")
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match="last dimension 3"):
+        triton_regen_matmul(torch.randn(2, 3), 1, 4, 5, 0.1, False, False)
+    with pytest.raises(ValueError, match="float64"):
+        triton_regen_matmul(torch.randn(2, 5, dtype=torch.float64), 1, 4, 5, 0.1, False, False)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_ops_match_cpu(dtype):
+    x = torch.randn(64, 96, dtype=dtype)
+    for op_args in ((7, 48, 96, 0.1, False, False, 2**20),):
+        torch.testing.assert_close(regen_matmul(x.cuda(), *op_args).cpu().float(), regen_matmul(x, *op_args).float(),
+                                   rtol=2e-2, atol=2e-2)
+    image = torch.randn(2, 3, 9, 9, dtype=dtype)
+    conv = (11, [4, 3, 3, 3], 0.2, False, [1, 1], [1, 1], [1, 1], 1)
+    torch.testing.assert_close(regen_conv(image.cuda(), *conv).cpu().float(), regen_conv(image, *conv).float(),
+                               rtol=2e-2, atol=2e-2)
