@@ -143,6 +143,20 @@ class SplitChunk(nn.Module):
         return self.head(y).flatten(1)
 
 
+class RMSNormed(nn.Module):
+    """Linear -> RMSNorm (over the channels) -> SiLU -> Linear, then the same with an RMSNorm without a weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.norm, self.b = nn.Linear(8, 12), nn.RMSNorm(12), nn.Linear(12, 10)
+        self.c, self.bare, self.out = nn.Linear(10, 9), nn.RMSNorm(9, eps=1e-3, elementwise_affine=False), \
+            nn.Linear(9, 3)
+
+    def forward(self, x):
+        x = self.b(F.silu(self.norm(self.a(x))))
+        return self.out(self.bare(self.c(x)))
+
+
 def mlp():
     return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU(),
                          nn.Linear(16, 4))
@@ -163,6 +177,8 @@ FAMILIES = {  # model, inputs, modules that must lose channels (only possible th
     # a group goes only when all of its depthwise outputs are dead: kill more
     "grouped": (Grouped, image(2, 3, 8, 8), ["grouped.0", "depthwise.0"]),
     "split_chunk": (SplitChunk, image(2, 3, 8, 8), ["stem", "mid", "a", "b"]),
+    # eps and weight rescaled for the channels left; without a weight, RMSNorm is a barrier
+    "rmsnorm": (RMSNormed, image(4, 8), ["a", "norm"]),
 }
 
 
@@ -336,3 +352,17 @@ def test_dead_attention_head_is_removed(zoo_models, name):
     report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head)
     per_head = 3 * size if name == "gpt2" else size  # its queries, keys and values go
     assert all(report.removed[m] == per_head for m in shrunk), report.removed
+
+
+def test_rmsnorm_compensated_in_an_exported_graph():
+    class Exported(RMSNormed):
+        def forward(self, x):
+            if x.shape[0] > 0:  # control flow on a shape defeats symbolic tracing: seedrand exports the model
+                x = self.b(F.silu(self.norm(self.a(x))))
+            return self.out(self.bare(self.c(x)))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = Exported().eval()
+    report = check_garbage_collection(model, image(4, 8), fraction=0.6, seed=3)
+    assert {"a", "norm"} <= set(report.removed) and "c_gate" in report.blocked

@@ -314,6 +314,11 @@ class ChannelGraph:
         if target is aten.batch_norm.default:
             refs = [self._ref(a) if a is not None else False for a in args[1:5]]
             return self._batch_norm(node, refs)
+        if target is aten.rms_norm.default:
+            weight = self._ref(args[2]) if len(args) > 2 else None
+            eps = args[3] if len(args) > 3 else None
+            return self._rms_norm(node, args[1], weight, eps, lambda e, n, node=node: (
+                _set_arg(node, 1, [n]), _set_arg(node, 3, e)))
         return None
 
     def _call_module(self, node: fx.Node):
@@ -330,6 +335,10 @@ class ChannelGraph:
                 "weight", "bias", "running_mean", "running_var")])
         if isinstance(module, FilterGate):
             return self._gate(node, module)
+        if isinstance(module, nn.RMSNorm):
+            return self._rms_norm(node, module.normalized_shape, self._module_ref(module, "weight"),
+                                  module.eps, lambda e, n, m=module: (setattr(m, "eps", e),
+                                                                      setattr(m, "normalized_shape", (n,))))
         if isinstance(module, nn.Flatten):
             return self._reshape(node)
         kind = ("zero" if isinstance(module, _ZERO_MODULES) else "pool" if isinstance(module, _POOL_MODULES)
@@ -388,6 +397,26 @@ class ChannelGraph:
             torch.zeros(len(source.ids), dtype=torch.bool)
         self._derived(node, source, zero)
         self.slices += [Slice(r, 0, node) for r in refs if r]
+        return True
+
+    def _rms_norm(self, node: fx.Node, normalized_shape, weight: Optional[Ref], eps: Optional[float], resize):
+        """RMSNorm over the channels (the last dim): ``y = x / sqrt(mean(x^2) + eps) * w`` mixes them through the
+        mean, so a channel goes only if its input is zero (not merely unread), and then the ``n'`` channels left get
+        ``eps' = eps * n / n'`` and ``w' = w * sqrt(n / n')``, which gives every kept output exactly as before."""
+        x = node.args[0]
+        source = self.channels.get(x)
+        if source is None:
+            return True
+        shape = self._shape(node)
+        if tuple(normalized_shape) != (shape[-1],) or source.dim != len(shape) - 1 or not weight:
+            return ("an RMSNorm over more than the channel dim, or without a weight of its own (a weight is what "
+                    "compensates for the channels removed)")
+        zero = self.zero(source.ids)
+        self._sink(source.ids, zero, f"{_describe(node)} (its mean of squares)")
+        self._derived(node, source, zero | (weight.tensor.detach() == 0))
+        n = len(source.ids)
+        self.slices.append(Slice(weight, 0, node))
+        self.sizes.append(Size(node, len, lambda kept, w=weight: _compensate_rms(w, eps, resize, x, n, kept)))
         return True
 
     def _gate(self, node: fx.Node, gate: FilterGate):
@@ -648,6 +677,16 @@ class ChannelGraph:
         """Indices (int64) of ``node``'s channels that stay when the groups ``removed`` go."""
         ids = self.channels[node].ids.tolist()
         return torch.tensor([i for i, s in enumerate(ids) if self.root(s) not in removed], dtype=torch.long)
+
+
+def _compensate_rms(weight: Ref, eps: Optional[float], resize, x: fx.Node, n: int, kept: int) -> None:
+    """After an RMSNorm lost ``n - kept`` zero channels: ``resize(eps * n / kept, kept)`` and scale the weight by
+    ``sqrt(n / kept)``."""
+    if eps is None:  # torch's default: the input dtype's machine epsilon
+        eps = torch.finfo(x.meta["tensor_meta"].dtype).eps
+    resize(eps * n / kept, kept)
+    with torch.no_grad():
+        weight.tensor.mul_(math.sqrt(n / kept))
 
 
 def _set_arg(node: fx.Node, index: int, value) -> None:
