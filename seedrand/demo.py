@@ -152,7 +152,7 @@ def _plot(path: Path, draw: Callable, xlabel: str, ylabel: str, title: str, log_
     plt.close(fig)
 
 
-def part_freeze_fraction(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
+def _part_freeze_fraction(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
     """Part 1 (paper 002, figure 1): test accuracy of the digits CNN learning a fraction of each conv's filters."""
     base = _policy("cnn_freeze_fraction.yaml", policies)
     images = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
@@ -221,7 +221,7 @@ def _peak_training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
     return resident + max(0, max(itertools.accumulate(e.self_cpu_memory_usage for e in events)))
 
 
-def part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
+def _part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
     """Part 2 (paper 000): hidden layers regenerated from a seed vs stored frozen vs trained."""
     policy = _policy("mlp_random_hidden.yaml", policies)
     freeze = Policy.model_validate({**policy.model_dump(by_alias=True, exclude_none=True),
@@ -254,7 +254,7 @@ def part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: P
     return {"rows": rows, "random_model": models["random, regenerated"]}
 
 
-def part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
+def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
     """Part 3 (paper 004, figure 1): live hidden units and loss over training for several lambdas."""
     policy = _policy("mlp_filter_gates.yaml", policies)
     rows, curves, shrunk = [], {}, None
@@ -287,7 +287,7 @@ def part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path
     return {"rows": rows, "curves": {str(k): v for k, v in curves.items()}, "shrunk_model": shrunk}
 
 
-def part_subspace(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
+def _part_subspace(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
     """Part 4 (paper 003): the intrinsic-dimension sweep with the policy's projection and match."""
     rule = _policy("mlp_subspace.yaml", policies).rules[0]
     task = zoo.digits_task(steps=s.subspace_steps)
@@ -300,7 +300,7 @@ def part_subspace(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) 
             "d90": result.d_threshold, "parameters": sum(p.numel() for p in task.model_factory().parameters())}
 
 
-def part_deployment(data: zoo.Digits, out: Path, shrunk: nn.Module, random_model: nn.Module) -> dict:
+def _part_deployment(data: zoo.Digits, out: Path, shrunk: nn.Module, random_model: nn.Module) -> dict:
     """Part 5: compile the shrunk model; export it and the random MLP to ONNX; onnxruntime accuracy vs PyTorch."""
     import onnxruntime as ort
 
@@ -350,15 +350,15 @@ def run_demo(out: str | Path = "seedrand-demo", quick: bool = False, parts: Opti
     data = zoo.digits_data()
     results, started = {}, time.perf_counter()
     if 1 in parts:
-        results[1] = part_freeze_fraction(data, s, out, policies)
+        results[1] = _part_freeze_fraction(data, s, out, policies)
     if 2 in parts or 5 in parts:
-        results[2] = part_random_layers(data, s, out, policies)
+        results[2] = _part_random_layers(data, s, out, policies)
     if 3 in parts or 5 in parts:
-        results[3] = part_shrinknets(data, s, out, policies)
+        results[3] = _part_shrinknets(data, s, out, policies)
     if 4 in parts:
-        results[4] = part_subspace(data, s, out, policies)
+        results[4] = _part_subspace(data, s, out, policies)
     if 5 in parts:
-        results[5] = part_deployment(data, out, results[3]["shrunk_model"], results[2]["random_model"])
+        results[5] = _part_deployment(data, out, results[3]["shrunk_model"], results[2]["random_model"])
     results = {k: {n: v for n, v in r.items() if not isinstance(v, nn.Module)} for k, r in results.items()
                if k in parts}
     results["settings"] = {"quick": quick, "seconds": round(time.perf_counter() - started, 1), **s.__dict__}
