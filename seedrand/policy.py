@@ -1,7 +1,7 @@
 """Policy files: the YAML schema (pydantic v2), loading with line numbers, and writing back.
 
 A policy is ``{version: 1, seed: int, rules: [...]}``; each rule has a ``match`` selector and exactly one action
-(``freeze``, ``freeze_fraction``, ``random``, ``insert_random``, ``filter_gates``, ``subspace``). The README's
+(``freeze``, ``freeze_fraction``, ``random``, ``insert_random``, ``filter_gates``, ``subspace``, ``grow``). The README's
 "Policy files" section is the reference for every key. Only ``yaml.safe_load``/``yaml.compose`` are used.
 """
 
@@ -21,6 +21,7 @@ from .kernels.init import parse_init
 
 __all__ = [
     "Policy", "Rule", "Match", "Freeze", "FreezeFraction", "Random", "InsertRandom", "FilterGates", "Subspace",
+    "Grow", "Plateau",
     "ACTIONS", "load_policy", "parse_policy",
 ]
 
@@ -106,6 +107,34 @@ class Subspace(_Strict):
         return self
 
 
+class Plateau(_Strict):
+    """When a loss has plateaued: its moving average over ``window`` steps has not fallen by more than ``min_delta``
+    below its best (lowest) value of the stage for ``window`` steps."""
+
+    window: int = Field(default=10, ge=1)
+    min_delta: float = Field(default=0.0, ge=0.0)
+
+
+class Grow(_Strict):
+    """``grow``: the layer's output units (``dim: out``) or inputs (``dim: in``) split into ``stages`` equal slices,
+    ``start`` of them active at first; :class:`seedrand.CapacityScheduler` activates the next one on a plateau of the
+    loss (paper 001, section 5.1), freezing the slices trained so far when ``freeze_previous``."""
+
+    stages: int = Field(default=5, ge=2)
+    start: int = Field(default=1, ge=1)
+    freeze_previous: bool = True
+    dim: Literal["out", "in"] = "out"
+    plateau: Plateau = Field(default_factory=Plateau)
+    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
+
+    @model_validator(mode="after")
+    def _start_within_stages(self):
+        if self.start >= self.stages:
+            raise ValueError(f"start: {self.start} must be below stages: {self.stages} (start is how many of the "
+                             "stages are active before the first plateau; with all of them active nothing can grow)")
+        return self
+
+
 ACTIONS: dict[str, type[BaseModel]] = {
     "freeze": Freeze,
     "freeze_fraction": FreezeFraction,
@@ -113,6 +142,7 @@ ACTIONS: dict[str, type[BaseModel]] = {
     "insert_random": InsertRandom,
     "filter_gates": FilterGates,
     "subspace": Subspace,
+    "grow": Grow,
 }
 
 
@@ -163,6 +193,7 @@ class Rule(_Strict):
     insert_random: Optional[InsertRandom] = None
     filter_gates: Optional[FilterGates] = None
     subspace: Optional[Subspace] = None
+    grow: Optional[Grow] = None
     _index: int = PrivateAttr(default=-1)
     _line: Optional[int] = PrivateAttr(default=None)
     _column: Optional[int] = PrivateAttr(default=None)

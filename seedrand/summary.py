@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass, field
 
 import torch
@@ -11,6 +12,7 @@ import torch.nn as nn
 from rich.console import Console
 from rich.table import Table
 
+from .passes.regenerated import Regenerating
 from .rewriter.graph import own_parameters
 from .rewriter.rewrite import RECORD_KEY
 
@@ -103,15 +105,18 @@ def _human(nbytes: float) -> str:
             return f"{nbytes:.1f} {unit}"
 
 
-def _regenerated(module: nn.Module) -> list[tuple[int, int]]:
-    """(numel, bytes) of the tensors a seedrand module regenerates (``seedrand_regenerated()``), else none."""
-    report = getattr(module, "seedrand_regenerated", None)
-    return [(t.numel(), t.numel() * t.element_size()) for t in report().values()] if callable(report) else []
+def _regenerated(module: nn.Module) -> list[tuple[tuple, int, int]]:
+    """(identity, numel, float32 bytes) of each tensor a seedrand module regenerates; the identity (Philox key,
+    distribution, shape) is the same for the same tensor in ensemble members that share it."""
+    if not isinstance(module, Regenerating):
+        return []
+    return [((s.seed, s.kind, s.scale, s.shape), math.prod(s.shape), 4 * math.prod(s.shape))
+            for s in module.streams.values()]
 
 
 def _stored_frozen_buffers(module: nn.Module) -> list[torch.Tensor]:
     """Persistent buffers of a seedrand module: frozen weight slices it keeps (``freeze_fraction`` with ``keep``)."""
-    if not callable(getattr(module, "seedrand_regenerated", None)):
+    if not isinstance(module, Regenerating):
         return []
     return [b for n, b in module.named_buffers(recurse=False) if n not in module._non_persistent_buffers_set]
 
@@ -123,10 +128,12 @@ def _count(params, counts: Counts, seen: set[int]) -> None:
             counts.add("trainable" if p.requires_grad else "frozen", p.numel(), p.numel() * p.element_size())
 
 
-def _account(module: nn.Module, counts: Counts, seen: set[int]) -> None:
+def _account(module: nn.Module, counts: Counts, seen: set) -> None:
     """Add what seedrand ``module`` regenerates and the frozen slices it stores; its parameters are counted apart."""
-    for numel, nbytes in _regenerated(module):
-        counts.add("regenerated", numel, nbytes)
+    for identity, numel, nbytes in _regenerated(module):
+        if identity not in seen:
+            seen.add(identity)
+            counts.add("regenerated", numel, nbytes)
     for b in _stored_frozen_buffers(module):
         if id(b) not in seen:
             seen.add(id(b))
@@ -152,7 +159,8 @@ def summary(model: nn.Module) -> Summary:
 
     Returns:
         A :class:`Summary`; counts are elements, ``*_bytes`` are bytes. ``regenerated`` counts the weights seedrand
-        modules report through ``seedrand_regenerated()`` (``{name: meta tensor}``); they occupy no memory.
+        modules regenerate (their Philox streams), each once however many modules share it (ensemble members);
+        they occupy no memory.
 
     Raises:
         Nothing.

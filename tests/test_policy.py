@@ -32,6 +32,9 @@ rules:
   - name: sub
     match: {types: [Linear]}
     subspace: {dim: 750, projection: very_sparse, scope: global, theta0: random, density: 0.01}
+  - name: capacity
+    match: {types: [Linear]}
+    grow: {stages: 5, start: 1, freeze_previous: true, dim: out, plateau: {window: 10, min_delta: 0.0}}
 """
 
 
@@ -48,7 +51,8 @@ def test_good_policy_loads_with_every_action(tmp_path):
     assert policy.rules[0].params.fraction == 0.9
     assert policy.rules[1].params == ACTIONS["freeze"]()  # `freeze:` with no value means {}
     assert policy.rules[4].params.lambda_ == 1.0e-4
-    assert [r._line for r in policy.rules] == [4, 10, 12, 15, 18, 21]
+    assert [r._line for r in policy.rules] == [4, 10, 12, 15, 18, 21, 24]
+    assert policy.rules[6].params.plateau.window == 10
     assert policy.rules[1].label == "rules[1]" and policy.rules[0].label == "'freeze-most-filters' (rules[0])"
 
 

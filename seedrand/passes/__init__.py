@@ -13,6 +13,7 @@ from ..rewriter.match import Target
 from .filter_gates import filter_gates
 from .freeze import freeze, freeze_captured
 from .freeze_fraction import freeze_fraction
+from .grow import grow
 from .insert_random import insert_random
 from .random import random
 from .subspace import subspace
@@ -33,6 +34,7 @@ PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
     "filter_gates": per_module(filter_gates),
     "freeze": per_module(freeze),
     "freeze_fraction": per_module(freeze_fraction),
+    "grow": per_module(grow),
     "insert_random": per_module(insert_random),
     "random": per_module(random),
     "subspace": subspace,

@@ -31,9 +31,9 @@ import torch.nn as nn
 
 from ..kernels import philox
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import inline_module, install
+from ..rewriter.graph import inline_module, substitute_tensor
 from ..rewriter.match import Target
-from .layout import layout, stored_weight
+from .layout import layout, slice_counters, stored_weight
 from .regenerated import Regenerating, Stream
 
 __all__ = ["FrozenFraction", "freeze_fraction", "frozen_indices"]
@@ -97,11 +97,7 @@ class FrozenFraction(Regenerating):
 
     def offsets(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
         """The whole tensor's Philox counters at the frozen slice (see :class:`Regenerating`)."""
-        counters = torch.zeros((), dtype=torch.int64, device=device)
-        for d, (size, stride) in enumerate(zip(self.frozen_shape, self.counter_strides)):
-            index = self.frozen_index.to(device) if d == self.dim else torch.arange(size, device=device)
-            counters = counters + (index * stride).reshape(-1, *[1] * (len(self.frozen_shape) - d - 1))
-        return counters
+        return slice_counters(self.frozen_shape, self.counter_strides, self.dim, self.frozen_index.to(device))
 
     def _frozen(self) -> torch.Tensor:
         like = self.trainable
@@ -148,13 +144,5 @@ def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
         replaced["bias"] = FrozenFraction(bias, 0, frozen, params.fixed, lay.stream(target, "bias"))
     inline_module(gm, qualname)
     for name, module in replaced.items():
-        readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == f"{qualname}.{name}"]
-        if name == "weight" and not readers:
+        if not substitute_tensor(gm, f"{qualname}.{name}", module) and name == "weight":
             raise target.error("its weight is never used by the traced forward")
-        install(gm, f"{qualname}.{name}", module)
-        for node in readers:
-            with gm.graph.inserting_before(node):
-                assembled = gm.graph.call_module(f"{qualname}.{name}")
-            assembled.meta = dict(node.meta)
-            node.replace_all_uses_with(assembled)
-            gm.graph.erase_node(node)

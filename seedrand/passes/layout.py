@@ -26,7 +26,7 @@ from ..kernels.philox import derive_seed
 from ..rewriter.match import Target
 from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
+__all__ = ["Layout", "layout", "slice_counters", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
@@ -96,6 +96,20 @@ class Layout:
         else:
             raise ValueError(f"a layer regenerates its weight or bias, not {name!r}")
         return Stream(derive_seed(target.seed, target.qualname, name), kind, scale, shape)
+
+
+def slice_counters(shape: tuple[int, ...], strides: tuple[int, ...], dim: int, index: torch.Tensor) -> torch.Tensor:
+    """The Philox counters of a slice of a whole tensor: element ``idx`` of the whole tensor has counter
+    ``sum(idx[d] * strides[d])``; the slice takes ``index`` (int64, 1-d) along ``dim`` and everything elsewhere.
+
+    Returns:
+        int64 tensor of ``shape`` (``shape[dim] == len(index)``), on ``index``'s device.
+    """
+    counters = torch.zeros((), dtype=torch.int64, device=index.device)
+    for d, (size, stride) in enumerate(zip(shape, strides)):
+        along = index if d == dim else torch.arange(size, device=index.device)
+        counters = counters + (along * stride).reshape(-1, *[1] * (len(shape) - d - 1))
+    return counters
 
 
 def stored_weight(gm: fx.GraphModule, target: Target) -> torch.nn.Parameter:

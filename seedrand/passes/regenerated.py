@@ -77,10 +77,6 @@ class Regenerating(nn.Module):
         first = self.offsets(name).flatten()[:FINGERPRINT_SIZE]
         return sample_at(stream.seed, first, stream.kind, stream.scale)
 
-    def seedrand_regenerated(self) -> dict[str, torch.Tensor]:
-        """Meta tensors with the shapes of the regenerated tensors (for ``seedrand.summary``): zero bytes."""
-        return {name: torch.empty(s.shape, device="meta") for name, s in self.streams.items()}
-
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         for name, stream in self.streams.items():

@@ -84,7 +84,7 @@ _RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape, aten.vi
 _SPLITS = {torch.split, "split", torch.chunk, "chunk", aten.split.Tensor, aten.split_with_sizes.default,
            aten.chunk.default}
 _REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", aten.mean.dim, aten.sum.dim_IntList}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, torch.conv1d, torch.conv2d, torch.conv3d}
 _PERMUTES = {aten.permute.default, "permute", torch.permute, aten.transpose.int, "transpose", torch.transpose}
 _HEAD_OPS = _RESHAPES | _PERMUTES | {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
@@ -303,7 +303,7 @@ class ChannelGraph:
             return self._section(node)
         if target in _REDUCTIONS:
             return self._reduce(node)
-        if target is aten.linear.default:
+        if target in (aten.linear.default, F.linear):  # F.linear: a layer inlined by a weight pass
             return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
                                conv=False)
         if target in _CONVS:

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after"]
+__all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after", "substitute_tensor"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -43,6 +43,25 @@ def install(gm: fx.GraphModule, qualname: str, module: nn.Module) -> None:
     if name in parent._parameters or name in parent._buffers:
         delattr(parent, name)  # nn.Module refuses to assign a module over a tensor
     setattr(parent, name, module)
+
+
+def substitute_tensor(gm: fx.GraphModule, name: str, module: nn.Module) -> int:
+    """Install ``module`` (a forward with no inputs that returns a tensor) at ``name``, the qualified name of a
+    parameter or buffer, and make every ``get_attr`` node reading that tensor call the module instead.
+
+    Returns:
+        The number of ``get_attr`` nodes replaced (0: the traced forward never reads the tensor; it is still
+        replaced, so that the state dict follows the module).
+    """
+    readers = [n for n in gm.graph.nodes if n.op == "get_attr" and n.target == name]
+    install(gm, name, module)
+    for node in readers:
+        with gm.graph.inserting_before(node):
+            called = gm.graph.call_module(name)
+        called.meta = dict(node.meta)
+        node.replace_all_uses_with(called)
+        gm.graph.erase_node(node)
+    return len(readers)
 
 
 def insert_after(gm: fx.GraphModule, node: fx.Node, module_name: str) -> fx.Node:

@@ -5,7 +5,7 @@ Precedence (in the spirit of torch.ao's ``QConfigMapping``, but stricter):
 1. Within a rule, ``exclude``/``exclude_types`` beat ``modules``/``types``.
 2. A module is selected by a rule when it matches the rule's ``modules`` (if given) and ``types`` (if given).
 3. Every selected (module, rule) pair is applied, rules in file order. Two actions that both own a module's weight
-   (``freeze_fraction``, ``random``, ``subspace``, in any combination or twice), or two ``filter_gates``, on one
+   (``freeze_fraction``, ``random``, ``subspace``, ``grow``, in any combination or twice), or two ``filter_gates``, on one
    module are an error naming both rules.
 
 Strictness: every ``modules``/``exclude`` pattern and every ``types``/``exclude_types`` entry must match at least one
@@ -27,7 +27,7 @@ from ..policy import Policy, Rule
 
 __all__ = ["Target", "resolve", "WEIGHT_ACTIONS"]
 
-WEIGHT_ACTIONS = frozenset({"freeze_fraction", "random", "subspace"})
+WEIGHT_ACTIONS = frozenset({"freeze_fraction", "random", "subspace", "grow"})
 
 
 def _incompatible(a: str, b: str) -> bool:

@@ -1,0 +1,118 @@
+"""``seedrand.ensemble``: cheap ensembles whose members share every frozen or regenerated weight and differ only in
+their trainable slices (paper 002, section 4.3, "Share-Conv-R": "keeping a fixed backbone subset of parameters and
+re-training only a small set ... cheap ensemble models which are nevertheless diverse enough to outperform a single
+model").
+
+The policy is applied once; each member is a copy of the rewritten model in which
+
+* the frozen parameters and the tensors seedrand modules keep (``freeze_fraction`` with ``fixed: keep``) are the
+  *same* tensor objects in every member (one storage), and regenerated tensors have the same Philox key (no storage
+  at all), so the shared weights cost their memory once;
+* trainable parameters, gradients, optimizer state and running statistics (BatchNorm buffers) are per member.
+
+Members differ from the start: member 0 is the rewritten model itself; in member ``m >= 1`` every trainable tensor
+of two or more dimensions (a weight, or the trainable slice of a ``freeze_fraction`` weight) is re-drawn from
+PyTorch's default Linear/Conv init ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``, ``fan_in`` of the whole weight, by Philox
+with key ``derive_seed(seed, owner, "member{m}/{name}")`` at the elements' row-major counters in the whole weight, so
+a member is a pure function of the policy's seed. Biases and normalization parameters start as in the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .kernels.init import sample_at
+from .kernels.philox import derive_seed
+from .passes.freeze_fraction import FrozenFraction
+from .passes.layout import slice_counters
+from .passes.regenerated import Regenerating
+from .policy import Policy
+from .rewriter.rewrite import as_policy, rewrite
+
+__all__ = ["Ensemble", "ensemble"]
+
+
+class Ensemble(nn.Module):
+    """Members evaluated on the same inputs, one after the other; the prediction is their mean.
+
+    Args:
+        members: the member models (GraphModules from :func:`ensemble`).
+
+    ``forward(*inputs, return_members=False)``: the mean of the members' outputs (each the model's output shape,
+    e.g. ``(N, classes)`` float32); with ``return_members=True``, ``(mean, stacked)`` where ``stacked`` has a leading
+    member dimension ``(members, *output_shape)``. The members' outputs must be single tensors.
+    """
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.members = nn.ModuleList(members)
+
+    def forward(self, *inputs, return_members: bool = False):
+        stacked = torch.stack([member(*inputs) for member in self.members])
+        mean = stacked.mean(0)
+        return (mean, stacked) if return_members else mean
+
+
+def _shared(gm: nn.Module) -> list[torch.Tensor]:
+    """The tensors every member reads unchanged: frozen parameters and the buffers of seedrand modules."""
+    frozen = [p for p in gm.parameters() if not p.requires_grad]
+    kept = [b for m in gm.modules() if isinstance(m, Regenerating) for b in m.buffers(recurse=False)]
+    return frozen + kept
+
+
+@torch.no_grad()
+def _redraw(member: nn.Module, seed: int, index: int) -> None:
+    """Re-draw member ``index``'s trainable weights (see the module docstring)."""
+    for owner_name, owner in member.named_modules():
+        for name, p in owner.named_parameters(recurse=False):
+            if not p.requires_grad or p.dim() < 2:
+                continue
+            key = derive_seed(seed, owner_name, f"member{index}/{name}")
+            if isinstance(owner, FrozenFraction):
+                dim, frozen = owner.dim, owner.frozen_index
+                whole = tuple(s + len(frozen) if d == dim else s for d, s in enumerate(p.shape))
+                strides = tuple(math.prod(whole[d + 1:]) for d in range(len(whole)))
+                kept = torch.ones(whole[dim], dtype=torch.bool)
+                kept[frozen] = False
+                counters = slice_counters(tuple(p.shape), strides, dim, torch.arange(whole[dim])[kept])
+            else:
+                whole, counters = tuple(p.shape), torch.arange(p.numel()).reshape(p.shape)
+            p.copy_(sample_at(key, counters, "uniform", 1 / math.sqrt(math.prod(whole[1:])), p.dtype))
+
+
+def ensemble(model: nn.Module, policy: Union[Policy, str, Path, dict], members: int = 5,
+             example_inputs: Optional[tuple] = None) -> Ensemble:
+    """An :class:`Ensemble` of ``members`` copies of ``model`` rewritten by ``policy`` that share its frozen and
+    regenerated weights (see the module docstring).
+
+    Args:
+        model: any ``nn.Module``; never modified.
+        policy: a :class:`Policy`, YAML path or dict, as for :func:`seedrand.rewrite` (for Share-Conv-R:
+            ``freeze_fraction`` rules with ``fraction: R`` on the convolutions).
+        members: how many members (at least 1).
+        example_inputs: as for :func:`seedrand.rewrite`.
+
+    Returns:
+        An :class:`Ensemble` in ``model``'s train/eval mode. ``seedrand.summary`` counts shared tensors once.
+
+    Raises:
+        ValueError: ``members < 1``.
+        PolicyError, TraceError: as :func:`seedrand.rewrite`.
+    """
+    if members < 1:
+        raise ValueError(f"an ensemble needs at least one member, got members={members}")
+    policy = as_policy(policy)
+    first = rewrite(model, policy, example_inputs)
+    shared = {id(t): t for t in _shared(first)}
+    copies = [first]
+    for index in range(1, members):
+        member = copy.deepcopy(first, memo=dict(shared))
+        _redraw(member, policy.seed, index)
+        copies.append(member)
+    return Ensemble(copies)
