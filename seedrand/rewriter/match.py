@@ -5,8 +5,8 @@ Precedence (in the spirit of torch.ao's ``QConfigMapping``, but stricter):
 1. Within a rule, ``exclude``/``exclude_types`` beat ``modules``/``types``.
 2. A module is selected by a rule when it matches the rule's ``modules`` (if given) and ``types`` (if given).
 3. Every selected (module, rule) pair is applied, rules in file order. Two actions that both own a module's weight
-   (``freeze_fraction``, ``random``, ``subspace``, ``grow``, in any combination or twice), or two ``filter_gates``, on one
-   module are an error naming both rules.
+   (``freeze_fraction``, ``random``, ``subspace``, ``grow``, in any combination or twice), or two ``filter_gates``,
+   on one module are an error naming both rules.
 
 Strictness: every ``modules``/``exclude`` pattern and every ``types``/``exclude_types`` entry must match at least one
 module of the model, and every rule must select at least one, unless the rule says ``optional: true``. Misspellings
