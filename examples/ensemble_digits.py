@@ -8,7 +8,7 @@ so each member's gradient is its own). Unlike the paper, there is no shared pre-
 members' mean test accuracy, the accuracy of the ensemble's mean logits, the learned parameters of the whole
 ensemble (the paper's "No. Params") and the bytes it stores; mean over ``--seeds`` seeds.
 
-    python examples/ensemble_digits.py            # the full table (about a minute on 2 CPU cores)
+    python examples/ensemble_digits.py            # the full table (about 5 minutes on 2 CPU cores)
     python examples/ensemble_digits.py --quick    # a smoke run
 
 Writes ``examples/results/ensemble_digits.md`` (or ``--out``).

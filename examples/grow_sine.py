@@ -7,7 +7,7 @@ fixed grid of 1,000 points after every epoch (one "sample" of the paper's curves
 standard deviation of the last 10 epochs' errors, as in the paper's table. The scheduler sees every batch's loss
 (window 10). Runs repeat over ``--seeds`` seeds (data, init and policy seed).
 
-    python examples/grow_sine.py            # the full table (about a minute on 2 CPU cores)
+    python examples/grow_sine.py            # the full table (about 3 minutes on 2 CPU cores)
     python examples/grow_sine.py --quick    # a smoke run
 
 Writes ``examples/results/grow_sine.md`` and ``grow_sine.png`` (or ``--out``).
