@@ -39,22 +39,42 @@ __all__ = ["Ensemble", "ensemble"]
 
 
 class Ensemble(nn.Module):
-    """Members evaluated on the same inputs, one after the other; the prediction is their mean.
+    """Members evaluated on the same inputs; the prediction is their mean.
 
     Args:
-        members: the member models (GraphModules from :func:`ensemble`).
+        members: the member models (GraphModules from :func:`ensemble`, one architecture, shared tensors).
+        batched: evaluate the members in one ``torch.func.vmap`` over their stacked per-member tensors (the shared
+            ones enter once, unbatched) in eval mode; in train mode, or when an op has no batching rule, members run
+            one after the other. In train mode they always do: BatchNorm statistics and dropout are per member.
 
     ``forward(*inputs, return_members=False)``: the mean of the members' outputs (each the model's output shape,
     e.g. ``(N, classes)`` float32); with ``return_members=True``, ``(mean, stacked)`` where ``stacked`` has a leading
     member dimension ``(members, *output_shape)``. The members' outputs must be single tensors.
     """
 
-    def __init__(self, members: list[nn.Module]):
+    def __init__(self, members: list[nn.Module], batched: bool = True):
         super().__init__()
         self.members = nn.ModuleList(members)
+        self.batched = batched
+        shared = {id(t) for t in _shared(members[0])}
+        self._own = [n for n, t in [*members[0].named_parameters(), *members[0].named_buffers()]
+                     if id(t) not in shared]
+
+    def _vmapped(self, inputs: tuple) -> torch.Tensor:
+        tensors = [{**dict(m.named_parameters()), **dict(m.named_buffers())} for m in self.members]
+        stacked = {name: torch.stack([t[name] for t in tensors]) for name in self._own}
+        call = lambda own, *x: torch.func.functional_call(self.members[0], own, x)  # noqa: E731
+        return torch.func.vmap(call, in_dims=(0, *[None] * len(inputs)))(stacked, *inputs)
 
     def forward(self, *inputs, return_members: bool = False):
-        stacked = torch.stack([member(*inputs) for member in self.members])
+        stacked = None
+        if self.batched and not self.training:
+            try:
+                stacked = self._vmapped(inputs)
+            except RuntimeError:  # an op without a batching rule (a custom op): fall back for good
+                self.batched = False
+        if stacked is None:
+            stacked = torch.stack([member(*inputs) for member in self.members])
         mean = stacked.mean(0)
         return (mean, stacked) if return_members else mean
 
@@ -87,7 +107,7 @@ def _redraw(member: nn.Module, seed: int, index: int) -> None:
 
 
 def ensemble(model: nn.Module, policy: Union[Policy, str, Path, dict], members: int = 5,
-             example_inputs: Optional[tuple] = None) -> Ensemble:
+             example_inputs: Optional[tuple] = None, batched: bool = True) -> Ensemble:
     """An :class:`Ensemble` of ``members`` copies of ``model`` rewritten by ``policy`` that share its frozen and
     regenerated weights (see the module docstring).
 
@@ -97,6 +117,7 @@ def ensemble(model: nn.Module, policy: Union[Policy, str, Path, dict], members: 
             ``freeze_fraction`` rules with ``fraction: R`` on the convolutions).
         members: how many members (at least 1).
         example_inputs: as for :func:`seedrand.rewrite`.
+        batched: see :class:`Ensemble`.
 
     Returns:
         An :class:`Ensemble` in ``model``'s train/eval mode. ``seedrand.summary`` counts shared tensors once.
@@ -115,4 +136,4 @@ def ensemble(model: nn.Module, policy: Union[Policy, str, Path, dict], members: 
         member = copy.deepcopy(first, memo=dict(shared))
         _redraw(member, policy.seed, index)
         copies.append(member)
-    return Ensemble(copies)
+    return Ensemble(copies, batched)

@@ -6,6 +6,7 @@ import torch
 
 import seedrand
 from seedrand import zoo
+from seedrand.kernels import ops
 
 SEED = 7
 
@@ -85,3 +86,30 @@ def test_summary_counts_shared_weights_once(cnn):
 def test_bad_member_count(cnn):
     with pytest.raises(ValueError, match="at least one member, got members=0"):
         seedrand.ensemble(cnn[0], share_conv(0.5), members=0, example_inputs=cnn[1])
+
+
+def test_batched_evaluation_equals_members_one_by_one(cnn):
+    model, inputs = cnn
+    x = torch.randn(16, 1, 8, 8, generator=torch.Generator().manual_seed(2))
+    ens = seedrand.ensemble(model, share_conv(0.6), members=4, example_inputs=inputs).eval()
+    mean, each = ens(x, return_members=True)
+    one_by_one = torch.stack([member(x) for member in ens.members])
+    assert ens.batched  # vmap ran (a failure would have switched it off)
+    torch.testing.assert_close(each, one_by_one, rtol=1e-5, atol=1e-6)
+    mean.sum().backward()  # gradients reach each member's own tensors through the stacked copies
+    assert all(m.conv1.weight.trainable.grad is not None for m in ens.members)
+
+
+def test_batched_evaluation_through_regenerated_layers(monkeypatch):
+    """Random Linear and Conv layers (the regen custom ops) have vmap rules: one call for all members."""
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
+                                torch.nn.Linear(4 * 6 * 6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
+    x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    policy = {"seed": SEED, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": "trainable"}}]}
+    ens = seedrand.ensemble(model, policy, members=3, example_inputs=(x[:2],)).eval()
+    calls = []
+    reference = ops.regen_matmul_reference
+    monkeypatch.setattr(ops, "regen_matmul_reference", lambda *a: calls.append(a[0].shape) or reference(*a))
+    _, each = ens(x, return_members=True)
+    assert ens.batched and calls == [(3, 5, 144)]  # without the rule: one call per member
+    torch.testing.assert_close(each, torch.stack([member(x) for member in ens.members]), rtol=1e-5, atol=1e-6)

@@ -167,3 +167,16 @@ def _conv_backward(ctx, grad):
 
 
 regen_conv.register_autograd(_conv_backward, setup_context=_conv_setup_context)
+
+
+# vmap (ensembles of members that share a regenerated weight, torch.func): the weight's arguments are numbers, so
+# only ``x`` can be batched; the batch dimension folds into the leading dimensions the ops already accept
+@regen_matmul.register_vmap
+def _(info, in_dims, x, *args):
+    return regen_matmul(x.movedim(in_dims[0], 0), *args), 0
+
+
+@regen_conv.register_vmap
+def _(info, in_dims, x, *args):
+    x = x.movedim(in_dims[0], 0)
+    return regen_conv(x.flatten(0, 1), *args).unflatten(0, x.shape[:2]), 0
