@@ -5,7 +5,8 @@ Models rewritten by :func:`seedrand.rewrite` compile as they are. ``options={"po
 applies a policy to the captured graph instead (for quick experiments on models that were not rewritten): module
 names and classes come from each op's ``nn_module_stack``, parameters from Dynamo's placeholder sources
 (``L['self']._modules['fc1']._parameters['weight']`` is ``fc1.weight``); the user's module is never changed. Only
-actions with a captured-graph pass (``freeze``) are accepted. The graph then goes to Inductor (forward and backward
+actions with a captured-graph pass are accepted: ``freeze`` (parameters detached in the graph) and ``random`` on
+Linear/Conv layers (their ops become the regenerate ops, with the keys ``seedrand.rewrite`` uses). The graph then goes to Inductor (forward and backward
 through AOTAutograd), or with ``options={"inductor": False}`` runs through AOTAutograd with eager kernels (for
 debugging). seedrand's regenerate ops (``seedrand::regen_matmul``, ``seedrand::regen_conv``,
 ``seedrand::subspace_project``) stay single opaque nodes that Inductor calls: on CUDA tensors they run their Triton
@@ -27,11 +28,14 @@ __all__ = ["seedrand_backend"]
 _SUPPORTED_OPTIONS = frozenset({"policy", "inductor"})
 _SOURCE_PART = re.compile(r"\._(modules|parameters)\['([^']+)'\]")
 _STACK_INDEX = re.compile(r"\[(\d+)\]")
+# the compiled module: L['self'] when Dynamo traces its forward, L['fn'] when it traces the module as a callable
+# (e.g. an nn.Sequential)
+_ROOT = re.compile(r"^L\['(self|fn)'\]")
 
 
 def _qualname(stack_path: str) -> str:
     """``"L['self'].blocks[0].fc"`` -> ``"blocks.0.fc"``."""
-    path = stack_path.removeprefix("L['self']").lstrip(".")
+    path = _ROOT.sub("", stack_path).lstrip(".")
     return _STACK_INDEX.sub(r".\1", path).lstrip(".")
 
 
@@ -51,7 +55,7 @@ def _captured_parameters(gm: fx.GraphModule, example_inputs: list) -> dict[str, 
         source = getattr(node.meta.get("grapharg"), "source", None)
         name = source.name if source is not None else ""
         parts = _SOURCE_PART.findall(name)
-        if name.startswith("L['self']") and parts and parts[-1][0] == "parameters" and isinstance(
+        if _ROOT.match(name) and parts and parts[-1][0] == "parameters" and isinstance(
                 value, torch.nn.Parameter):
             found[".".join(p for _, p in parts)] = node
     return found

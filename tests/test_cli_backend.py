@@ -100,6 +100,43 @@ def test_backend_applies_a_policy_without_changing_the_model(zoo_models, name, p
     assert all(p.requires_grad for p in model.parameters())
 
 
+def _conv_mlp():
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
+                                   torch.nn.Linear(4 * 36, 5), torch.nn.ReLU(), torch.nn.Linear(5, 3))
+
+
+@pytest.mark.parametrize("inductor,bias", [(False, "keep"), (True, "trainable")])
+def test_backend_random_policy_computes_what_rewrite_computes(inductor, bias):
+    """The backend's `random` regenerates the same weights as seedrand.rewrite (same keys), on an nn.Sequential
+    (Dynamo names its root L['fn'], not L['self'])."""
+    import seedrand
+
+    model, x = _conv_mlp(), torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
+    policy = {"seed": 4, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": bias}}]}
+    rewritten = seedrand.rewrite(model, policy, (x,))
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})(x)
+    expected = rewritten(x)
+    torch.testing.assert_close(out, expected, rtol=1e-6, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    assert model[0].weight.grad is None and model[3].weight.grad is None  # regenerated: the stored weight is unused
+    assert (model[0].bias.grad is None) == (bias == "keep")
+    if bias == "trainable":
+        torch.testing.assert_close(model[0].bias.grad, rewritten.get_submodule("0").bias.grad)
+    torch.testing.assert_close(model[5].weight.grad, rewritten.get_submodule("5").weight.grad)
+
+
+def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
+    model, inputs = zoo_models["gpt2"]
+    torch._dynamo.reset()
+    policy = {"rules": [{"match": {"modules": ["transformer.h.0.mlp.c_fc"]}, "random": {}}]}
+    with pytest.raises(Exception, match="use seedrand.rewrite for embeddings, Conv1D"):
+        torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
+
+
 def test_backend_policy_errors_are_strict(zoo_models):
     model, inputs = zoo_models["cnn"]
     torch._dynamo.reset()

@@ -15,7 +15,7 @@ from .freeze import freeze, freeze_captured
 from .freeze_fraction import freeze_fraction
 from .grow import grow
 from .insert_random import insert_random
-from .random import random
+from .random import random, random_captured
 from .subspace import subspace
 
 __all__ = ["PASSES", "CAPTURED_PASSES", "per_module"]
@@ -44,4 +44,5 @@ PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
 # ``parameters`` maps fully qualified parameter names to their placeholder nodes.
 CAPTURED_PASSES: dict[str, Callable[[fx.GraphModule, Target, dict[str, fx.Node]], None]] = {
     "freeze": freeze_captured,
+    "random": random_captured,
 }

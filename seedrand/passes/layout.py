@@ -26,7 +26,7 @@ from ..kernels.philox import derive_seed
 from ..rewriter.match import Target
 from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "slice_counters", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
+__all__ = ["Layout", "layout", "layout_of", "slice_counters", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
@@ -139,9 +139,18 @@ def layout(gm: fx.GraphModule, target: Target) -> Layout:
         PolicyError: the module is not one of the supported types, or has no weight (names the module, the rule and
             its YAML line).
     """
+    return layout_of(target, tuple(stored_weight(gm, target).shape))
+
+
+def layout_of(target: Target, shape: tuple[int, ...]) -> Layout:
+    """The :class:`Layout` of a weight of the stored ``shape`` in a module of class ``target.cls``.
+
+    Raises:
+        PolicyError: the module is not one of the supported types.
+    """
     from transformers.pytorch_utils import Conv1D
 
-    cls, shape = target.cls, tuple(stored_weight(gm, target).shape)
+    cls = target.cls
     if not issubclass(cls, (nn.Linear, Conv1D, *_CONVS, nn.Embedding)):
         raise target.error(f"{target.rule.action} supports nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and "
                            "nn.Embedding")

@@ -22,10 +22,10 @@ from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import full_args, install
 from ..rewriter.match import Target
-from .layout import CONV_OPS, Layout, call_sites, layout, stored_weight, weight_readers
+from .layout import CONV_OPS, Layout, call_sites, layout, layout_of, stored_weight, weight_readers
 from .regenerated import Regenerating, Stream
 
-__all__ = ["RandomLinear", "RandomConv", "RandomEmbedding", "random"]
+__all__ = ["RandomLinear", "RandomConv", "RandomEmbedding", "random", "random_captured"]
 
 
 class _RandomLayer(Regenerating):
@@ -238,3 +238,56 @@ def random(gm: fx.GraphModule, target: Target) -> None:
     for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(f"{target.qualname}.")]:
         if not node.users:
             gm.graph.erase_node(node)
+
+
+_CAPTURED_CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
+
+
+def random_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx.Node]) -> None:
+    """``random`` on a graph Dynamo captured (the ``seedrand`` backend's ``policy`` option): every ``linear`` or
+    ``conv{1,2,3}d`` reading the module's weight placeholder becomes ``seedrand::regen_matmul``/``regen_conv`` with
+    the key, init and counters :func:`random` uses, so the compiled model computes what ``seedrand.rewrite`` with
+    the same policy computes. The bias placeholder is detached (``keep``), used as is (``trainable``) or dropped
+    (``zero``); the user's module is not changed.
+
+    Raises:
+        PolicyError: the module is not an ``nn.Linear``/``nn.Conv1d/2d/3d``, its weight was not captured or is read
+            by another op, the convolution pads by name (``"same"``), or the rule asks ``bias: random`` (use
+            ``seedrand.rewrite`` for those).
+    """
+    weight = parameters.get(f"{target.qualname}.weight")
+    if weight is None:
+        raise target.error("the captured graph has no weight parameter of this module")
+    lay = layout_of(target, tuple(weight.meta["example_value"].shape))
+    params = target.rule.params
+    if lay.kind == "embedding" or lay.transposed or params.bias == "random":
+        raise target.error("the backend applies random to nn.Linear and nn.Conv layers with bias keep, trainable or "
+                           "zero; use seedrand.rewrite for embeddings, Conv1D and regenerated biases")
+    seed = derive_seed(target.seed, target.qualname, "weight")
+    kind, scale = init_distribution(lay.init(params.init), lay.fan_in, lay.fan_out)
+    for user in list(weight.users):
+        args = list(user.args) + [user.kwargs[k] for k in ("bias",) if k in user.kwargs]
+        if user.target is nn.functional.linear and args[1] is weight:
+            call = (torch.ops.seedrand.regen_matmul.default, (args[0], seed, lay.shape[0], lay.shape[1], scale, kind == "normal", False,
+                                   DEFAULT_CHUNK_BYTES))
+        elif user.target in _CAPTURED_CONVS and args[1] is weight:
+            n = _CAPTURED_CONVS[user.target]
+            stride, padding, dilation, groups = (args[3:7] + [1, 0, 1, 1][len(args[3:7]):])[:4]
+            if isinstance(padding, str):
+                raise target.error(f"the backend's random supports numeric padding only, not padding={padding!r}")
+            call = (torch.ops.seedrand.regen_conv.default, (args[0], seed, list(lay.shape), scale, kind == "normal", list(_per_dim(stride, n)),
+                                 list(_per_dim(padding, n)), list(_per_dim(dilation, n)), groups))
+        else:
+            raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
+                               "regenerated without changing the other reader)")
+        with gm.graph.inserting_before(user):
+            new = gm.graph.call_function(*call)
+            bias = args[2] if len(args) > 2 and params.bias != "zero" else None
+            if bias is not None and params.bias == "keep":
+                bias = gm.graph.call_function(torch.ops.aten.detach.default, (bias,))
+            if bias is not None and user.target in _CAPTURED_CONVS:
+                bias = gm.graph.call_method("view", (bias, -1, *[1] * _CAPTURED_CONVS[user.target]))
+            if bias is not None:
+                new = gm.graph.call_function(torch.add, (new, bias))
+        user.replace_all_uses_with(new)
+        gm.graph.erase_node(user)
