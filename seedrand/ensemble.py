@@ -30,7 +30,7 @@ import torch.nn as nn
 from .kernels.init import sample_at
 from .kernels.philox import derive_seed
 from .passes.freeze_fraction import FrozenFraction
-from .passes.layout import slice_counters
+from .passes.layout import row_major_strides, slice_counters
 from .passes.regenerated import Regenerating
 from .policy import Policy
 from .rewriter.rewrite import as_policy, rewrite
@@ -97,10 +97,10 @@ def _redraw(member: nn.Module, seed: int, index: int) -> None:
             if isinstance(owner, FrozenFraction):
                 dim, frozen = owner.dim, owner.frozen_index
                 whole = tuple(s + len(frozen) if d == dim else s for d, s in enumerate(p.shape))
-                strides = tuple(math.prod(whole[d + 1:]) for d in range(len(whole)))
                 kept = torch.ones(whole[dim], dtype=torch.bool)
                 kept[frozen] = False
-                counters = slice_counters(tuple(p.shape), strides, dim, torch.arange(whole[dim])[kept])
+                counters = slice_counters(tuple(p.shape), row_major_strides(whole), dim,
+                                          torch.arange(whole[dim])[kept])
             else:
                 whole, counters = tuple(p.shape), torch.arange(p.numel()).reshape(p.shape)
             p.copy_(sample_at(key, counters, "uniform", 1 / math.sqrt(math.prod(whole[1:])), p.dtype))

@@ -31,9 +31,8 @@ import torch.nn as nn
 
 from ..kernels import philox
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import inline_module, substitute_tensor
 from ..rewriter.match import Target
-from .layout import layout, slice_counters, stored_weight
+from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Regenerating, Stream
 
 __all__ = ["FrozenFraction", "freeze_fraction", "frozen_indices"]
@@ -87,8 +86,7 @@ class FrozenFraction(Regenerating):
             self.register_buffer("frozen", _take(value, dim, frozen))
         elif fixed == "random":
             self.streams["frozen"] = Stream(stream.seed, stream.kind, stream.scale, frozen_shape)
-            self.counter_strides = counter_strides or tuple(math.prod(value.shape[d + 1:]) for d in
-                                                            range(value.dim()))
+            self.counter_strides = counter_strides or row_major_strides(value.shape)
         # cat the two slices, frozen first unless it is the last block; reorder only if neither is in place
         self.frozen_first = trainable + frozen != list(range(n))
         order = frozen + trainable if self.frozen_first else trainable + frozen
@@ -142,7 +140,4 @@ def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
     bias = dict(gm.named_parameters()).get(f"{qualname}.bias")
     if params.dim == "out" and bias is not None:
         replaced["bias"] = FrozenFraction(bias, 0, frozen, params.fixed, lay.stream(target, "bias"))
-    inline_module(gm, qualname)
-    for name, module in replaced.items():
-        if not substitute_tensor(gm, f"{qualname}.{name}", module) and name == "weight":
-            raise target.error("its weight is never used by the traced forward")
+    substitute_weight(gm, target, replaced)

@@ -24,7 +24,6 @@ inference.
 from __future__ import annotations
 
 import copy
-import math
 from typing import Optional
 
 import torch
@@ -32,9 +31,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels.init import sample_at
-from ..rewriter.graph import inline_module, substitute_tensor
 from ..rewriter.match import Target
-from .layout import layout, slice_counters, stored_weight
+from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Stream
 
 __all__ = ["GrowingSlices", "grow", "stage_bounds", "drop_inactive"]
@@ -82,7 +80,7 @@ class GrowingSlices(nn.Module):
         self.dim, self.stages, self.start, self.freeze_previous = dim, stages, start, freeze_previous
         self.group, self.window, self.min_delta = group, window, min_delta
         self.init, self.shape = init, tuple(value.shape)
-        self.counter_strides = counter_strides or tuple(math.prod(value.shape[d + 1:]) for d in range(value.dim()))
+        self.counter_strides = counter_strides or row_major_strides(value.shape)
         self.bounds = stage_bounds(value.shape[dim], stages)
         for k, (lo, hi) in enumerate(self.bounds):
             part = value.narrow(dim, lo, hi - lo).clone()
@@ -169,10 +167,7 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
     bias = dict(gm.named_parameters()).get(f"{qualname}.bias")
     if params.dim == "out" and bias is not None:
         replaced["bias"] = GrowingSlices(bias, 0, init=lay.stream(target, "bias"), **settings)
-    inline_module(gm, qualname)
-    for name, module in replaced.items():
-        if not substitute_tensor(gm, f"{qualname}.{name}", module) and name == "weight":
-            raise target.error("its weight is never used by the traced forward")
+    substitute_weight(gm, target, replaced)
 
 
 def drop_inactive(model: fx.GraphModule, explain: bool = False):

@@ -23,10 +23,11 @@ import torch.nn as nn
 
 from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
+from ..rewriter.graph import inline_module, substitute_tensor
 from ..rewriter.match import Target
 from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "layout_of", "slice_counters", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
+__all__ = ["Layout", "layout", "layout_of", "row_major_strides", "slice_counters", "substitute_weight", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
@@ -73,8 +74,8 @@ class Layout:
 
     def counter_strides(self) -> tuple[int, ...]:
         """Per stored dimension, how much the Philox counter grows per step (row-major in the canonical layout)."""
-        strides = [math.prod(self.shape[d + 1:]) for d in range(len(self.shape))]
-        return tuple(reversed(strides)) if self.transposed else tuple(strides)
+        strides = row_major_strides(self.shape)
+        return strides[::-1] if self.transposed else strides
 
     def init(self, rule_init: Optional[str]) -> str:
         """The rule's init, else the layer's own default."""
@@ -98,6 +99,12 @@ class Layout:
         return Stream(derive_seed(target.seed, target.qualname, name), kind, scale, shape)
 
 
+def row_major_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    """Per dimension of ``shape``, how many elements apart consecutive indices lie when it is flattened row-major
+    (the Philox counter step of a tensor regenerated in its own layout)."""
+    return tuple(math.prod(shape[d + 1:]) for d in range(len(shape)))
+
+
 def slice_counters(shape: tuple[int, ...], strides: tuple[int, ...], dim: int, index: torch.Tensor) -> torch.Tensor:
     """The Philox counters of a slice of a whole tensor: element ``idx`` of the whole tensor has counter
     ``sum(idx[d] * strides[d])``; the slice takes ``index`` (int64, 1-d) along ``dim`` and everything elsewhere.
@@ -110,6 +117,20 @@ def slice_counters(shape: tuple[int, ...], strides: tuple[int, ...], dim: int, i
         along = index if d == dim else torch.arange(size, device=index.device)
         counters = counters + (along * stride).reshape(-1, *[1] * (len(shape) - d - 1))
     return counters
+
+
+def substitute_weight(gm: fx.GraphModule, target: Target, modules: dict[str, torch.nn.Module]) -> None:
+    """Inline module ``target`` and let each module in ``modules`` (keyed ``"weight"``, ``"bias"``; a forward with
+    no input returning the tensor) compute that tensor wherever the graph read it (the ``freeze_fraction`` and
+    ``grow`` assemblers).
+
+    Raises:
+        PolicyError: the traced forward never reads the weight (names the module, the rule and its YAML line).
+    """
+    inline_module(gm, target.qualname)
+    for name, module in modules.items():
+        if not substitute_tensor(gm, f"{target.qualname}.{name}", module) and name == "weight":
+            raise target.error("its weight is never used by the traced forward")
 
 
 def stored_weight(gm: fx.GraphModule, target: Target) -> torch.nn.Parameter:
