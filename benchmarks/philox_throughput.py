@@ -35,7 +35,8 @@ def main() -> None:
         ("philox.rand (numba, range)", lambda: philox.rand(1234, range(args.n))),
         ("philox.randn (numba)", lambda: philox.randn(1234, offsets)),
         ("philox.randint (numba)", lambda: philox.randint(1234, offsets)),
-        ("torch reference rand", lambda: philox._uint32_to_uniform(philox._philox(1234, offsets)[0])),
+        ("torch reference rand", lambda: philox._uint32_to_uniform(philox._words(1234, offsets))),
+        ("torch reference rand (range)", lambda: philox._uint32_to_uniform(philox._words(1234, range(args.n)))),
         ("torch.rand", lambda: torch.rand(args.n, generator=generator)),
         ("torch.randn", lambda: torch.randn(args.n, generator=generator)),
     ]

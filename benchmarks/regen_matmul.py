@@ -20,7 +20,7 @@ import torch.nn as nn
 
 import seedrand
 from seedrand.kernels.init import sample
-from seedrand.kernels.ops import regen_matmul
+from seedrand.kernels.ops import DEFAULT_CHUNK_BYTES, regen_matmul
 
 
 def cuda_table() -> None:
@@ -33,37 +33,43 @@ def cuda_table() -> None:
         for m in (1, 16, 256, 4096):
             x = torch.randn(m, kn, device="cuda", dtype=torch.float16)
             stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
-            regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False, 2**20))
+            regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False,
+                                                                 DEFAULT_CHUNK_BYTES))
             flops, io = 2 * m * kn * kn, 2 * (2 * m * kn)
             print(f"{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}{flops / regen / 1e9:>15.2f}"
                   f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}")
 
 
-def step_ms(model: nn.Module, x: torch.Tensor, steps: int = 5) -> float:
-    times = []
-    for _ in range(steps + 1):
-        start = time.perf_counter()
-        model(x).square().mean().backward()
-        times.append(time.perf_counter() - start)
-    return 1e3 * statistics.median(times[1:])
+def step_ms(models: list[nn.Module], x: torch.Tensor, rounds: int = 8) -> list[float]:
+    """Median time (ms) of one training step (forward, backward) of each model, measured in alternation so that
+    both see the same machine load; one untimed warm-up step each."""
+    times = [[] for _ in models]
+    for r in range(rounds + 1):
+        for model, t in zip(models, times):
+            start = time.perf_counter()
+            model(x).square().mean().backward()
+            t.append(time.perf_counter() - start)
+    return [1e3 * statistics.median(t[1:]) for t in times]
 
 
 def cpu_figures() -> None:
-    n, chunk = 1 << 24, 1 << 18  # 16 M values in the 1 MiB blocks regen_matmul uses (a fresh 64 MiB buffer would
-    sample(0, (1,), "uniform", 1.0)  # mostly time page faults); the first call compiles / loads the kernels
+    # 16 M values in the blocks regen_matmul uses, each freed before the next as there (a fresh 64 MiB buffer would
+    # mostly time page faults); the first call compiles / loads the kernels
+    n, chunk = 1 << 24, DEFAULT_CHUNK_BYTES // 4
+    sample(0, (1,), "uniform", 1.0)
     best = float("inf")
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         for offset in range(0, n, chunk):
             sample(3, (chunk,), "uniform", 0.1, start=offset)
         best = min(best, time.perf_counter() - start)
-    print(f"CPU regeneration (U(-a, a), float32, 1 MiB blocks): {n / best / 1e9:.3f} G values/s, "
-          f"{torch.get_num_threads()} threads")
+    print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks): {n / best / 1e9:.3f} "
+          f"G values/s, {torch.get_num_threads()} threads")
     x = torch.randn(256, 4096, requires_grad=True)
     layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
     stored = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
     regen = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "random": {}}]})
-    s, r = step_ms(stored, x), step_ms(regen, x)
+    s, r = step_ms([stored, regen], x)
     print(f"training step, 4096 x 4096 layer, batch 256: stored {s:.1f} ms, regenerated {r:.1f} ms, "
           f"ratio {r / s:.2f}x (target 1.3x)")
 

@@ -1,4 +1,5 @@
-"""Philox4x32-10 reference: Random123 known answers, and Triton's own tl.randint/tl.rand/tl.randn (interpreter)."""
+"""Philox4x32-10 reference: Random123 known answers, an exact-integer oracle of the stream, and Triton's own
+tl.randint4x/tl.rand4x/tl.randn4x (interpreter)."""
 
 import pytest
 from hypothesis import given, settings
@@ -92,22 +93,26 @@ def test_derive_seed_is_stable_and_depends_on_every_part():
     assert key not in others and len(others) == 3
 
 
-def _python_philox_c0(seed: int, offset: int) -> int:
-    """An independent oracle: Philox4x32-10 on exact Python integers, key bumped before rounds 2..10 (Random123)."""
+def _python_element(seed: int, offset: int) -> int:
+    """An independent oracle: Philox4x32-10 on exact Python integers, key bumped before rounds 2..10 (Random123);
+    element ``offset`` is word ``offset % 4`` of the block at counter ``offset // 4``."""
     mask = 2**32 - 1
     key64 = seed & (2**64 - 1)
     k0, k1 = key64 & mask, key64 >> 32
-    c = [offset & mask, (offset >> 32) & mask, 0, 0]
+    block = offset // 4
+    c = [block & mask, (block >> 32) & mask, 0, 0]
     for r in range(10):
         if r:
             k0, k1 = (k0 + 0x9E3779B9) & mask, (k1 + 0xBB67AE85) & mask
         p0, p1 = 0xD2511F53 * c[0], 0xCD9E8D57 * c[2]
         c = [(p1 >> 32) ^ c[1] ^ k0, p1 & mask, (p0 >> 32) ^ c[3] ^ k1, p0 & mask]
-    return c[0]
+    return c[offset % 4]
 
 
 @settings(max_examples=200, deadline=None)
 @given(seed=st.integers(-(2**63), 2**64 - 1), offsets=st.lists(st.integers(0, 2**63 - 1), min_size=1, max_size=16))
 def test_randint_equals_exact_integer_oracle(seed, offsets):
     got = philox.randint(seed, torch.tensor(offsets, dtype=torch.int64)).tolist()
-    assert got == [_python_philox_c0(seed, o) for o in offsets]
+    assert got == [_python_element(seed, o) for o in offsets]
+    start = offsets[0] % 2**40
+    assert philox.randint(seed, range(start, start + 7)).tolist() == [_python_element(seed, start + i) for i in range(7)]

@@ -18,11 +18,12 @@ from .init import sample
 
 __all__ = ["regen_matmul", "regen_matmul_reference", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
-# 1 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
-# few rows that run well below peak (256 KiB cost 60% more time per step of a 4096 x 4096 layer), larger ones add to
-# the transient peak (4 MiB: 5% of the weights' bytes for benchmarks/random_mlp.py). The torch Philox path (other
-# devices) holds about 16 int64 temporaries per element while it generates, about 32 x this
-DEFAULT_CHUNK_BYTES = 2**20
+# 4 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
+# few rows that run below peak (training step of a 4096 x 4096 layer at batch 256, benchmarks/regen_matmul.py: 1.41x
+# the stored layer's time with 1 MiB blocks, 1.32x with 2 MiB, 1.25x with 4 MiB), larger ones add to the transient
+# peak, which this bounds whatever the layer's size. The torch Philox path (other devices) holds about 16 int64
+# temporaries per element while it generates, about 32 x this
+DEFAULT_CHUNK_BYTES = 2**22
 
 
 def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
@@ -43,17 +44,21 @@ def regen_matmul_reference(x: torch.Tensor, seed: int, out_features: int, in_fea
     if x.shape[-1] != k:
         raise ValueError(f"regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
     step = _rows_per_chunk(in_features, chunk_bytes)
-    if transpose:
-        out = x.new_zeros(*x.shape[:-1], in_features)
+    x2 = x.reshape(-1, k)
+    if transpose:  # x @ W: accumulate x[:, rows] @ W[rows] in place (no temporary per block)
+        out = x.new_zeros(x2.shape[0], in_features)
         for r in range(0, out_features, step):
             rows = range(r, min(r + step, out_features))
-            w = _weight_rows(seed, rows, in_features, scale, normal, x.dtype, x.device)
-            out += x[..., rows.start:rows.stop] @ w
-        return out
-    blocks = [x @ _weight_rows(seed, range(r, min(r + step, out_features)), in_features, scale, normal, x.dtype,
-                               x.device).T
-              for r in range(0, out_features, step)]
-    return torch.cat(blocks, dim=-1)
+            out.addmm_(x2[:, rows.start:rows.stop], _weight_rows(seed, rows, in_features, scale, normal, x.dtype,
+                                                                  x.device))
+        return out.reshape(*x.shape[:-1], in_features)
+    # x @ W.T: each block of rows of W gives a block of rows of (x @ W.T).T, written in place (no concatenation)
+    out_t = x.new_empty(out_features, x2.shape[0])
+    for r in range(0, out_features, step):
+        rows = range(r, min(r + step, out_features))
+        torch.mm(_weight_rows(seed, rows, in_features, scale, normal, x.dtype, x.device), x2.T,
+                 out=out_t[rows.start:rows.stop])
+    return out_t.T.contiguous().reshape(*x.shape[:-1], out_features)
 
 
 @torch.library.custom_op("seedrand::regen_matmul", mutates_args=())

@@ -1,4 +1,5 @@
-"""Triton kernels that fill tensors with ``tl.randint``/``tl.rand``/``tl.randn`` at given offsets.
+"""Triton's Philox streams: element ``i`` is ``tl.randint4x``/``tl.rand4x``/``tl.randn4x`` at counter ``i >> 2``,
+word ``i & 3`` (:func:`stream_element`, used by every seedrand kernel), and a kernel that fills tensors with them.
 
 They are the ground truth that :mod:`seedrand.kernels.philox` is tested against, and the building block of the
 regenerate-into-a-buffer path for CUDA tensors. On a machine without a GPU they run on CPU tensors only under
@@ -11,9 +12,30 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_random"]
+__all__ = ["triton_random", "stream_element"]
 
 _KINDS = ("randint", "rand", "randn")
+
+
+@triton.jit
+def stream_element(seed, offsets, KIND: tl.constexpr):
+    """Elements ``offsets`` (int64 block) of the seedrand stream of key ``seed``: ``KIND`` 0 the uint32 word, 1 its
+    uniform float32, 2 a standard normal float32. Each element takes its word of ``tl.randint4x(seed, offsets >> 2)``
+    and applies Triton's own maps to it: ``tl.uint_to_uniform_float`` (``tl.rand4x``) or, on the pair of words
+    0-1 or 2-3, ``tl.pair_uniform_to_normal``, cosine for even elements and sine for odd (``tl.randn4x``). Each
+    element computes its whole block, so the cost equals ``tl.rand``'s; the CPU path shares a block among four."""
+    a, b, c, d = tl.randint4x(seed, offsets >> 2)
+    word = offsets & 3
+    if KIND == 2:
+        first = word < 2
+        u = tl.uint_to_uniform_float(tl.where(first, a, c))
+        v = tl.uint_to_uniform_float(tl.where(first, b, d))
+        normal_cos, normal_sin = tl.pair_uniform_to_normal(u, v)
+        return tl.where((word & 1) == 0, normal_cos, normal_sin)
+    value = tl.where(word == 0, a, tl.where(word == 1, b, tl.where(word == 2, c, d)))
+    if KIND == 1:
+        value = tl.uint_to_uniform_float(value)
+    return value
 
 
 @triton.jit
@@ -21,12 +43,9 @@ def _fill_kernel(out_ptr, offsets_ptr, n, seed, KIND: tl.constexpr, BLOCK: tl.co
     idx = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
     mask = idx < n
     offsets = tl.load(offsets_ptr + idx, mask=mask, other=0)
+    value = stream_element(seed, offsets, KIND)
     if KIND == 0:
-        value = tl.randint(seed, offsets).to(tl.int64) & 0xFFFFFFFF
-    elif KIND == 1:
-        value = tl.rand(seed, offsets)
-    else:
-        value = tl.randn(seed, offsets)
+        value = value.to(tl.int64) & 0xFFFFFFFF
     tl.store(out_ptr + idx, value, mask=mask)
 
 

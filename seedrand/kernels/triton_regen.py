@@ -2,10 +2,10 @@
 traffic): a matmul with a weight that is never loaded, and a fill for the weights of convolutions.
 
 * :func:`triton_regen_matmul` computes ``x @ W.T`` (``transpose=False``) or ``x @ W`` (``transpose=True``) for the
-  ``(out_features, in_features)`` weight ``W[o, i] = U(-scale, scale)`` or ``N(0, scale**2)`` at Philox counter
+  ``(out_features, in_features)`` weight ``W[o, i] = U(-scale, scale)`` or ``N(0, scale**2)`` at stream element
   ``o * in_features + i``, the same tensor as :func:`seedrand.kernels.init.sample`. Each program owns a
   ``BLOCK_M x BLOCK_N`` output tile and walks the reduction in ``BLOCK_K`` steps: it loads the ``x`` tile and
-  generates the weight tile with ``tl.rand``/``tl.randn`` instead of loading it; products accumulate in float32 and
+  generates the weight tile with ``tl.rand4x``/``tl.randn4x`` instead of loading it; products accumulate in float32 and
   the result is stored in ``x``'s dtype. Backward (``dx = dy @ W``) is the same kernel with ``transpose`` flipped;
   ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x`` are handled; block sizes are
   autotuned on GPUs.
@@ -24,6 +24,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .triton_philox import stream_element
+
 __all__ = ["triton_regen_matmul", "triton_regen_weight"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
@@ -32,11 +34,11 @@ _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat
 
 @triton.jit
 def _weight(seed, counters, scale, NORMAL: tl.constexpr):
-    """Weight values at Philox ``counters``, in float32: ``(2 u - 1) * scale`` or ``n * scale`` (the roundings of
-    the torch reference; launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
+    """Weight values at stream elements ``counters``, in float32: ``(2 u - 1) * scale`` or ``n * scale`` (the
+    roundings of the torch reference; launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
     if NORMAL:
-        return tl.randn(seed, counters) * scale
-    return (2.0 * tl.rand(seed, counters) - 1.0) * scale
+        return stream_element(seed, counters, 2) * scale
+    return (2.0 * stream_element(seed, counters, 1) - 1.0) * scale
 
 
 @triton.jit
