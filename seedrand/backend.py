@@ -5,9 +5,10 @@ Models rewritten by :func:`seedrand.rewrite` compile as they are. ``options={"po
 applies a policy to the captured graph instead (for quick experiments on models that were not rewritten): module
 names and classes come from each op's ``nn_module_stack``, parameters from Dynamo's placeholder sources
 (``L['self']._modules['fc1']._parameters['weight']`` is ``fc1.weight``); the user's module is never changed. Only
-actions with a captured-graph pass are accepted: ``freeze`` (parameters detached in the graph) and ``random`` on
-Linear/Conv layers (their ops become the regenerate ops, with the keys ``seedrand.rewrite`` uses). The graph then goes to Inductor (forward and backward
-through AOTAutograd), or with ``options={"inductor": False}`` runs through AOTAutograd with eager kernels (for
+actions with a captured-graph pass are accepted: ``freeze`` (parameters detached in the graph), ``freeze_fraction``
+(the frozen slice of each weight replaced in the graph by the values ``seedrand.rewrite`` gives it) and ``random`` on
+Linear/Conv layers (their ops become the regenerate ops, with the keys ``seedrand.rewrite`` uses). The graph then goes
+to Inductor (forward and backward through AOTAutograd), or with ``options={"inductor": False}`` runs through AOTAutograd with eager kernels (for
 debugging). seedrand's regenerate ops (``seedrand::regen_matmul``, ``seedrand::regen_conv``,
 ``seedrand::subspace_project``) stay single opaque nodes that Inductor calls: on CUDA tensors they run their Triton
 kernels (weight tiles generated in registers), on the CPU the numba Philox path.

@@ -129,6 +129,38 @@ def test_backend_random_policy_computes_what_rewrite_computes(inductor, bias):
     torch.testing.assert_close(model[5].weight.grad, rewritten.get_submodule("5").weight.grad)
 
 
+@pytest.mark.parametrize("inductor,fixed,dim", [(False, "random", "out"), (True, "random", "in"),
+                                               (False, "zero", "out"), (True, "keep", "out")])
+def test_backend_freeze_fraction_computes_what_rewrite_computes(inductor, fixed, dim):
+    """The backend's freeze_fraction replaces the frozen slice of the user's whole parameter by rewrite's values
+    (same selection and keys) on Linear, Conv, transformers Conv1D and embeddings; the gradient of the trainable
+    slice equals rewrite's and the frozen slice gets none."""
+    import seedrand
+    from conftest import all_layers
+
+    model, inputs = all_layers()
+    names = ["emb", "conv1", "fc", "proj"] if dim == "out" else ["conv1", "fc", "proj"]
+    policy = {"seed": 5, "rules": [{"match": {"modules": names},
+                                    "freeze_fraction": {"fraction": 0.5, "select": "random", "fixed": fixed,
+                                                        "dim": dim}}]}
+    rewritten = seedrand.rewrite(model, policy, inputs)
+    torch._dynamo.reset()
+    out = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})(*inputs)
+    expected = rewritten(*inputs)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-6)
+    out.square().sum().backward()
+    expected.square().sum().backward()
+    for name in names:
+        weight = rewritten.get_submodule(f"{name}.weight")
+        grad = model.get_submodule(name).weight.grad
+        frozen = grad.index_select(weight.dim, weight.frozen_index)
+        assert not frozen.any(), name
+        trainable = [i for i in range(grad.shape[weight.dim]) if i not in set(weight.frozen_index.tolist())]
+        torch.testing.assert_close(grad.index_select(weight.dim, torch.tensor(trainable)), weight.trainable.grad,
+                                   rtol=1e-5, atol=1e-6)
+    assert all(p.requires_grad for p in model.parameters())
+
+
 def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
     model, inputs = zoo_models["gpt2"]
     torch._dynamo.reset()

@@ -12,7 +12,7 @@ import torch.fx as fx
 from ..rewriter.match import Target
 from .filter_gates import filter_gates
 from .freeze import freeze, freeze_captured
-from .freeze_fraction import freeze_fraction
+from .freeze_fraction import freeze_fraction, freeze_fraction_captured
 from .grow import grow
 from .insert_random import insert_random
 from .random import random, random_captured
@@ -44,5 +44,6 @@ PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
 # ``parameters`` maps fully qualified parameter names to their placeholder nodes.
 CAPTURED_PASSES: dict[str, Callable[[fx.GraphModule, Target, dict[str, fx.Node]], None]] = {
     "freeze": freeze_captured,
+    "freeze_fraction": freeze_fraction_captured,
     "random": random_captured,
 }

@@ -30,12 +30,13 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels import philox
+from ..kernels.init import sample_at
 from ..kernels.philox import derive_seed
 from ..rewriter.match import Target
-from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
+from .layout import layout, layout_of, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Regenerating, Stream
 
-__all__ = ["FrozenFraction", "freeze_fraction", "frozen_indices"]
+__all__ = ["FrozenSlice", "FrozenFraction", "freeze_fraction", "freeze_fraction_captured", "frozen_indices"]
 
 
 def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]:
@@ -56,18 +57,61 @@ def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]
     return sorted(torch.argsort(keys, stable=True)[:count].tolist())
 
 
-class FrozenFraction(Regenerating):
-    """A tensor assembled along ``dim`` from a trainable slice (the parameter ``trainable``) and a frozen one.
+class FrozenSlice(Regenerating):
+    """The frozen slice, along ``dim``, of a ``freeze_fraction`` tensor, and :meth:`forward` that writes it over a
+    whole tensor (what the ``seedrand`` backend's captured graphs use: the user's parameter stays whole and only the
+    frozen slice of it is replaced).
 
     Args:
-        value: the current tensor, any shape and float dtype; the trainable slice starts at its values.
+        value: the current tensor, any shape and float dtype.
         dim: the dimension that is sliced.
         frozen: ascending indices along ``dim`` of the frozen slice (fewer than ``value.shape[dim]``).
-        fixed: ``"random"`` (regenerated from ``stream``), ``"zero"`` or ``"keep"`` (buffer ``frozen``).
+        fixed: ``"random"`` (regenerated from ``stream``), ``"zero"`` or ``"keep"``.
         stream: for ``fixed="random"``: the Philox key and distribution of the whole tensor (its ``shape`` is
             replaced by the frozen slice's).
-        counter_strides: per dimension of ``value``, the Philox counter step (element ``idx`` of the whole tensor
-            has counter ``sum(idx[d] * counter_strides[d])``); row-major by default.
+        counter_strides: per dimension of ``value``, the stream step (element ``idx`` of the whole tensor is stream
+            element ``sum(idx[d] * counter_strides[d])``); row-major by default.
+    """
+
+    def __init__(self, value: torch.Tensor, dim: int, frozen: list[int], fixed: str,
+                 stream: Optional[Stream] = None, counter_strides: Optional[tuple[int, ...]] = None):
+        super().__init__()
+        value = value.detach()
+        self.dim, self.fixed, self.frozen_list = dim, fixed, tuple(frozen)
+        self.frozen_shape = frozen_shape = tuple(len(frozen) if d == dim else s for d, s in enumerate(value.shape))
+        self.register_buffer("frozen_index", torch.tensor(frozen, dtype=torch.int64), persistent=False)
+        if fixed == "random":
+            self.streams["frozen"] = Stream(stream.seed, stream.kind, stream.scale, frozen_shape)
+            self.counter_strides = counter_strides or row_major_strides(value.shape)
+
+    def offsets(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The whole tensor's stream elements at the frozen slice (see :class:`Regenerating`)."""
+        return slice_counters(self.frozen_shape, self.counter_strides, self.dim, self.frozen_index.to(device))
+
+    def forward(self, whole: torch.Tensor) -> torch.Tensor:
+        """``whole`` (the tensor's shape) with its frozen slice replaced; the gradient reaches only the rest.
+
+        What the backend's captured graphs trace (with fake tensors, so the indices are made here, as constants of
+        the graph, not read from buffers). With ``fixed="keep"`` the slice is ``whole``'s own, detached."""
+        index = torch.tensor(self.frozen_list, dtype=torch.int64, device=whole.device)
+        if self.fixed == "random":
+            stream = self.streams["frozen"]
+            counters = slice_counters(self.frozen_shape, self.counter_strides, self.dim, index)
+            frozen = sample_at(stream.seed, counters, stream.kind, stream.scale, whole.dtype)
+        elif self.fixed == "zero":
+            frozen = torch.zeros(self.frozen_shape, dtype=whole.dtype, device=whole.device)
+        else:
+            frozen = whole.detach().index_select(self.dim, index)
+        return whole.index_copy(self.dim, index, frozen)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}, frozen={len(self.frozen_index)} of {self.frozen_shape}, fixed={self.fixed}"
+
+
+class FrozenFraction(FrozenSlice):
+    """A tensor assembled along ``dim`` from a trainable slice (the parameter ``trainable``) and the frozen one of
+    :class:`FrozenSlice` (same arguments; the trainable slice starts at ``value``'s values, and with
+    ``fixed="keep"`` the frozen one is the buffer ``frozen``, its slice of ``value``).
 
     ``forward()`` takes no input and returns the assembled tensor: shape, dtype and device of ``value``'s; the frozen
     slice gets no gradient.
@@ -75,48 +119,52 @@ class FrozenFraction(Regenerating):
 
     def __init__(self, value: torch.Tensor, dim: int, frozen: list[int], fixed: str,
                  stream: Optional[Stream] = None, counter_strides: Optional[tuple[int, ...]] = None):
-        super().__init__()
+        super().__init__(value, dim, frozen, fixed, stream, counter_strides)
         n, value = value.shape[dim], value.detach()
         trainable = [i for i in range(n) if i not in set(frozen)]
-        self.dim, self.fixed = dim, fixed
         self.trainable = nn.Parameter(_take(value, dim, trainable))
-        self.frozen_shape = frozen_shape = tuple(len(frozen) if d == dim else s for d, s in enumerate(value.shape))
-        self.register_buffer("frozen_index", torch.tensor(frozen, dtype=torch.int64), persistent=False)
         if fixed == "keep":
             self.register_buffer("frozen", _take(value, dim, frozen))
-        elif fixed == "random":
-            self.streams["frozen"] = Stream(stream.seed, stream.kind, stream.scale, frozen_shape)
-            self.counter_strides = counter_strides or row_major_strides(value.shape)
         # cat the two slices, frozen first unless it is the last block; reorder only if neither is in place
         self.frozen_first = trainable + frozen != list(range(n))
         order = frozen + trainable if self.frozen_first else trainable + frozen
         inverse = None if order == list(range(n)) else torch.argsort(torch.tensor(order))
         self.register_buffer("order", inverse, persistent=False)
 
-    def offsets(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole tensor's Philox counters at the frozen slice (see :class:`Regenerating`)."""
-        return slice_counters(self.frozen_shape, self.counter_strides, self.dim, self.frozen_index.to(device))
-
-    def _frozen(self) -> torch.Tensor:
-        like = self.trainable
+    def frozen_values(self, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The frozen slice, ``frozen_shape``, in ``dtype`` on ``device``; no gradient."""
         if self.fixed == "keep":
             return self.frozen
         if self.fixed == "zero":
-            return torch.zeros(self.frozen_shape, dtype=like.dtype, device=like.device)
-        return self.regenerate("frozen", like.dtype, like.device)
+            return torch.zeros(self.frozen_shape, dtype=dtype, device=device)
+        return self.regenerate("frozen", dtype, device)
 
     def forward(self) -> torch.Tensor:
-        frozen = self._frozen()
+        frozen = self.frozen_values(self.trainable.dtype, self.trainable.device)
         parts = (frozen, self.trainable) if self.frozen_first else (self.trainable, frozen)
         whole = torch.cat(parts, self.dim)
         return whole if self.order is None else whole.index_select(self.dim, self.order)
 
-    def extra_repr(self) -> str:
-        return f"dim={self.dim}, frozen={len(self.frozen_index)} of {self.frozen_shape}, fixed={self.fixed}"
-
 
 def _take(value: torch.Tensor, dim: int, index: list[int]) -> torch.Tensor:
     return value.index_select(dim, torch.tensor(index, dtype=torch.int64, device=value.device)).clone()
+
+
+def _slices(target: Target, lay, weight: torch.Tensor, bias: Optional[torch.Tensor],
+            cls: type[FrozenSlice]) -> dict[str, FrozenSlice]:
+    """The ``cls`` modules of the weight and, with ``dim: out``, the bias of ``target`` (see the module docstring)."""
+    params, qualname = target.rule.params, target.qualname
+    if lay.kind == "embedding" and params.dim == "in":
+        raise target.error("dim: in on an nn.Embedding: its rows are tokens, not filters over input channels; "
+                           "use dim: out to freeze a fraction of the rows")
+    dim = lay.stored_dim(params.dim)
+    frozen = frozen_indices(weight.shape[dim], params.fraction, params.select,
+                            derive_seed(target.seed, qualname, "select"))
+    slices = {"weight": cls(weight, dim, frozen, params.fixed, lay.stream(target, "weight", params.init),
+                            lay.counter_strides())}
+    if params.dim == "out" and bias is not None:
+        slices["bias"] = cls(bias, 0, frozen, params.fixed, lay.stream(target, "bias"))
+    return slices
 
 
 def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
@@ -127,17 +175,31 @@ def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
         PolicyError: the module is of another type, has no weight the forward reads, shares its weight (tied), or
             the rule asks ``dim: in`` of an embedding (names the module, the rule and its YAML line).
     """
-    params, qualname = target.rule.params, target.qualname
-    lay, weight = layout(gm, target), stored_weight(gm, target)
-    if lay.kind == "embedding" and params.dim == "in":
-        raise target.error("dim: in on an nn.Embedding: its rows are tokens, not filters over input channels; "
-                           "use dim: out to freeze a fraction of the rows")
-    dim = lay.stored_dim(params.dim)
-    frozen = frozen_indices(weight.shape[dim], params.fraction, params.select,
-                            derive_seed(target.seed, qualname, "select"))
-    replaced = {"weight": FrozenFraction(weight, dim, frozen, params.fixed, lay.stream(target, "weight", params.init),
-                                         lay.counter_strides())}
-    bias = dict(gm.named_parameters()).get(f"{qualname}.bias")
-    if params.dim == "out" and bias is not None:
-        replaced["bias"] = FrozenFraction(bias, 0, frozen, params.fixed, lay.stream(target, "bias"))
-    substitute_weight(gm, target, replaced)
+    bias = dict(gm.named_parameters()).get(f"{target.qualname}.bias")
+    substitute_weight(gm, target, _slices(target, layout(gm, target), stored_weight(gm, target), bias,
+                                          FrozenFraction))
+
+
+def freeze_fraction_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx.Node]) -> None:
+    """``freeze_fraction`` on a graph Dynamo captured (the ``seedrand`` backend's ``policy`` option): every read of
+    the module's weight (and, with ``dim: out``, bias) placeholder reads it with its frozen slice replaced by a
+    :class:`FrozenSlice` that the graph calls (the values, frozen set and keys of :func:`freeze_fraction`), so the
+    compiled model computes what ``seedrand.rewrite`` computes and no gradient reaches the frozen slice of the
+    user's parameter, which is not changed. With ``fixed: keep`` the frozen slice is the parameter's own, detached:
+    it gets no gradient, but an optimizer with weight decay still moves it (``seedrand.rewrite`` stores a copy).
+
+    Raises:
+        PolicyError: as :func:`freeze_fraction`, or the captured graph has no weight parameter of the module.
+    """
+    weight = parameters.get(f"{target.qualname}.weight")
+    if weight is None:
+        raise target.error("the captured graph has no weight parameter of this module")
+    values = {name: parameters[f"{target.qualname}.{name}"].meta["example_value"]
+              for name in ("weight", "bias") if f"{target.qualname}.{name}" in parameters}
+    lay = layout_of(target, tuple(values["weight"].shape))
+    for name, module in _slices(target, lay, values["weight"], values.get("bias"), FrozenSlice).items():
+        node = parameters[f"{target.qualname}.{name}"]
+        # called, not registered as a submodule: AOTAutograd wants a Dynamo source for every buffer of gm
+        with gm.graph.inserting_after(node):
+            replaced = gm.graph.call_function(module.forward, (node,))
+        node.replace_all_uses_with(replaced, delete_user_cb=lambda user: user is not replaced)
