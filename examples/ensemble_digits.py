@@ -20,11 +20,11 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from rich.console import Console
-from rich.table import Table
 
 import seedrand
 from seedrand import zoo
+
+from report import show_table  # examples/report.py
 
 HERE = Path(__file__).parent
 PAPER = {"FC": (68.5, 70.25), "Share-Conv-0.9": (69.9, 71.14), "Share-Conv-0.6": (71.0, 73.54),
@@ -77,20 +77,15 @@ def main() -> None:
     data = zoo.digits_data()
     title = (f"Ensembles of {args.members} SmallCNNs on digits ({args.steps} steps, mean of {args.seeds} seeds; "
              "paper: DenseNet on CIFAR-10)")
-    table = Table(title=title)
     head = ["ensemble", "members' mean accuracy", "ensemble accuracy", "learned parameters", "stored bytes",
             "regenerated (0 bytes)", "paper: mean / ensemble (%)"]
-    for col in head:
-        table.add_column(col, justify="left" if col == "ensemble" else "right")
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    rows = []
     for name in PAPER:
         runs = [run(name, seed, args.members, args.steps, data) for seed in range(args.seeds)]
         row = {k: statistics.mean(r[k] for r in runs) for k in runs[0]}
-        cells = [f"{row['members']:.4f}", f"{row['ensemble']:.4f}", f"{row['learned']:,.0f}",
-                 f"{row['stored_bytes']:,.0f}", f"{row['regenerated']:,.0f}", "{} / {}".format(*PAPER[name])]
-        table.add_row(name, *cells)
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
-    Console().print(table)
+        rows.append([name, f"{row['members']:.4f}", f"{row['ensemble']:.4f}", f"{row['learned']:,.0f}",
+                     f"{row['stored_bytes']:,.0f}", f"{row['regenerated']:,.0f}", "{} / {}".format(*PAPER[name])])
+    lines = show_table(title, head, rows)
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python examples/ensemble_digits.py" + (" --quick" if args.quick else "")
     (args.out / "ensemble_digits.md").write_text("\n".join([f"# Cheap ensembles (`{command}`)", "", title, "",

@@ -21,10 +21,10 @@ from pathlib import Path
 import matplotlib
 import torch
 import torch.nn as nn
-from rich.console import Console
-from rich.table import Table
 
 import seedrand
+
+from report import show_table  # examples/report.py
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -90,21 +90,16 @@ def main() -> None:
         curves[method] = [errors for errors, _ in runs]
         growth[method] = [steps for _, steps in runs]
 
-    table = Table(title=f"Sine regression, final-10 test MSE ({args.seeds} seeds, {args.epochs} epochs of "
-                        f"{args.batches} x {args.batch})")
-    for col in ("network", "final-10 mean (mean over seeds)", "final-10 std (mean over seeds)", "best seed",
-                "worst seed", "paper mean", "paper std"):
-        table.add_column(col, justify="left" if col == "network" else "right")
-    lines = ["| network | final-10 mean | final-10 std | best seed | worst seed | paper mean | paper std |",
-             "|---|---|---|---|---|---|---|"]
+    title = (f"Sine regression, final-10 test MSE ({args.seeds} seeds, {args.epochs} epochs of {args.batches} x "
+             f"{args.batch})")
+    head = ["network", "final-10 mean", "final-10 std", "best seed", "worst seed", "paper mean", "paper std"]
+    rows = []
     for method, runs in curves.items():
         means = [statistics.mean(r[-10:]) for r in runs]
         stds = [statistics.pstdev(r[-10:]) for r in runs]
-        cells = [f"{statistics.mean(means):.5f}", f"{statistics.mean(stds):.5f}", f"{min(means):.5f}",
-                 f"{max(means):.5f}", f"{PAPER[method][0]:.5f}", f"{PAPER[method][1]:.6f}"]
-        table.add_row(method, *cells)
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    Console().print(table)
+        rows.append([method, f"{statistics.mean(means):.5f}", f"{statistics.mean(stds):.5f}", f"{min(means):.5f}",
+                     f"{max(means):.5f}", f"{PAPER[method][0]:.5f}", f"{PAPER[method][1]:.6f}"])
+    lines = show_table(title, head, rows)
     stages = [f"seed {s}: epochs {', '.join(f'{t:.1f}' for t in g)}"
               for s, g in enumerate(growth["adaptive"])]
     print("adaptive growth (hidden units 100 -> 500):", "; ".join(stages))
@@ -112,7 +107,7 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     command = "python examples/grow_sine.py" + (" --quick" if args.quick else "")
     (args.out / "grow_sine.md").write_text("\n".join([
-        f"# Growing capacity: sine regression (`{command}`)", "", table.title, "", *lines, "",
+        f"# Growing capacity: sine regression (`{command}`)", "", title, "", *lines, "",
         "Growth of the adaptive network (epoch of each step to the next fifth): " + "; ".join(stages), ""]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for (method, runs), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from numba import njit, prange
 
-__all__ = ["usable", "randint", "rand", "symmetric_uniform"]
+__all__ = ["usable", "randint", "rand", "symmetric_uniform", "covering_blocks"]
 
 _A = np.uint64(0xD2511F53)
 _B = np.uint64(0xCD9E8D57)
@@ -138,14 +138,19 @@ def usable(offsets: torch.Tensor | range) -> bool:
     return type(offsets) is torch.Tensor and offsets.device.type == "cpu"
 
 
+def covering_blocks(elements: range) -> tuple[int, int, int]:
+    """``(first, last, head)``: the blocks ``first .. last - 1`` hold the consecutive ``elements`` (step 1, from
+    ``>= 0``), which start at word ``head`` of the first block (an empty range covers no block)."""
+    return elements.start >> 2, max(elements.start, elements.stop + 3) >> 2, elements.start & 3
+
+
 def _fill(key64: int, offsets: torch.Tensor | range, dtype, blocks_kernel, at_kernel, *params) -> torch.Tensor:
     """Run ``blocks_kernel`` over the whole blocks that cover a range (then slice), or ``at_kernel`` per offset."""
     keys = _round_keys(key64)
     if isinstance(offsets, range):
-        first, last = offsets.start >> 2, max(offsets.start, offsets.stop + 3) >> 2
+        first, last, head = covering_blocks(offsets)
         out = np.empty(4 * (last - first), dtype)
         blocks_kernel(keys, np.int64(first), out, *params)
-        head = offsets.start & 3
         return torch.from_numpy(out[head:head + len(offsets)])
     flat = offsets.reshape(-1).contiguous().numpy()
     out = np.empty(flat.shape[0], dtype)

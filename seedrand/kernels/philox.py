@@ -103,8 +103,8 @@ def _words(seed: int, offsets: torch.Tensor | range) -> torch.Tensor:
     key = (key64 & _MASK32, key64 >> 32)
     off = check_offsets(offsets)
     if isinstance(off, range):
-        blocks = torch.arange(off.start >> 2, max(off.start, off.stop + 3) >> 2, dtype=torch.int64)
-        head = off.start & 3
+        first, last, head = cpu_philox.covering_blocks(off)
+        blocks = torch.arange(first, last, dtype=torch.int64)
         return torch.stack(philox4x32(_counter(blocks), key), dim=-1).reshape(-1)[head:head + len(off)]
     c0, c1, c2, c3 = philox4x32(_counter(off >> 2), key)
     word = off & 3
@@ -121,7 +121,11 @@ def philox_words(seed: int, offsets: torch.Tensor) -> torch.Tensor:
         offsets: int64 tensor, any shape; CPU (numba), CUDA (Triton) or another device (the torch reference).
 
     Returns:
-        int64 tensor of ``offsets.shape`` holding uint32 words.
+        int64 tensor of ``offsets.shape`` holding uint32 words (the stream of the module docstring: Philox4x32-10,
+        Salmon et al. 2011, as Triton's ``tl.randint4x``).
+
+    Raises:
+        ValueError: ``seed`` is not a 64-bit integer (from :func:`check_seed`, on the CPU and reference paths).
     """
     if cpu_philox.usable(offsets):
         return cpu_philox.randint(check_seed(seed), offsets)

@@ -58,9 +58,9 @@ def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]
 
 
 class FrozenSlice(Regenerating):
-    """The frozen slice, along ``dim``, of a ``freeze_fraction`` tensor, and :meth:`forward` that writes it over a
-    whole tensor (what the ``seedrand`` backend's captured graphs use: the user's parameter stays whole and only the
-    frozen slice of it is replaced).
+    """The frozen slice, along ``dim``, of a ``freeze_fraction`` tensor (paper 002, section 3; paper 001, listing
+    4.1), and :meth:`forward` that writes it over a whole tensor (what the ``seedrand`` backend's captured graphs
+    use: the user's parameter stays whole and only the frozen slice of it is replaced).
 
     Args:
         value: the current tensor, any shape and float dtype.
@@ -84,9 +84,12 @@ class FrozenSlice(Regenerating):
             self.streams["frozen"] = Stream(stream.seed, stream.kind, stream.scale, frozen_shape)
             self.counter_strides = counter_strides or row_major_strides(value.shape)
 
-    def offsets(self, name: str, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The whole tensor's stream elements at the frozen slice (see :class:`Regenerating`)."""
-        return slice_counters(self.frozen_shape, self.counter_strides, self.dim, self.frozen_index.to(device))
+    def offsets(self, name: str, device: torch.device | str = "cpu", index: Optional[torch.Tensor] = None
+                ) -> torch.Tensor:
+        """The whole tensor's stream elements at the frozen slice (see :class:`Regenerating`); ``index``: the frozen
+        indices as a tensor, ``frozen_index`` by default."""
+        index = self.frozen_index.to(device) if index is None else index
+        return slice_counters(self.frozen_shape, self.counter_strides, self.dim, index)
 
     def forward(self, whole: torch.Tensor) -> torch.Tensor:
         """``whole`` (the tensor's shape) with its frozen slice replaced; the gradient reaches only the rest.
@@ -96,8 +99,8 @@ class FrozenSlice(Regenerating):
         index = torch.tensor(self.frozen_list, dtype=torch.int64, device=whole.device)
         if self.fixed == "random":
             stream = self.streams["frozen"]
-            counters = slice_counters(self.frozen_shape, self.counter_strides, self.dim, index)
-            frozen = sample_at(stream.seed, counters, stream.kind, stream.scale, whole.dtype)
+            frozen = sample_at(stream.seed, self.offsets("frozen", index=index), stream.kind, stream.scale,
+                               whole.dtype)
         elif self.fixed == "zero":
             frozen = torch.zeros(self.frozen_shape, dtype=whole.dtype, device=whole.device)
         else:
