@@ -10,7 +10,7 @@ from conftest import LAYER_NAMES, all_layers, logits
 
 import seedrand
 from seedrand import PolicyError
-from seedrand.passes.freeze_fraction import FrozenFraction, frozen_indices
+from seedrand.passes.freeze_fraction import FrozenFraction, FrozenFractionLinear, frozen_indices
 
 SEED = 11
 
@@ -72,6 +72,26 @@ def test_assembled_weights_and_biases(dtype, dim, fixed, select):
                              "keep": original.bias.detach()}[fixed]
             assert torch.equal(take(bias, frozen, 0), take(expected_bias, frozen, 0))
     assert gm(*inputs).dtype == dtype
+
+
+@pytest.mark.parametrize("dim", ["out", "in"])
+@pytest.mark.parametrize("fixed,select", CASES)
+def test_linear_multiplies_without_assembling(dim, fixed, select):
+    """An nn.Linear becomes a FrozenFractionLinear: seedrand::frozen_matmul (one Triton launch on CUDA) gives the
+    output and trainable-slice gradient of a linear by the assembled weight, and export keeps it as one node."""
+    model, inputs = all_layers()
+    layer = seedrand.rewrite(model, policy(["fc"], 0.5, dim, select, fixed), inputs).fc
+    assert isinstance(layer, FrozenFractionLinear)
+    x = torch.randn(2, 3, model.fc.in_features, generator=torch.Generator().manual_seed(3))
+    bias = layer.bias() if dim == "out" else layer.bias
+    expected = torch.nn.functional.linear(x, layer.weight(), bias)
+    (expected_grad,) = torch.autograd.grad(expected.square().sum(), layer.weight.trainable)
+    got = layer(x)
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(torch.autograd.grad(got.square().sum(), layer.weight.trainable)[0], expected_grad)
+    nodes = [n for n in torch.export.export(layer, (x,)).graph.nodes
+             if n.target == torch.ops.seedrand.frozen_matmul.default]
+    assert len(nodes) == (fixed != "keep")
 
 
 def test_only_trainable_slices_learn(zoo_models):

@@ -1,11 +1,13 @@
 """seedrand::regen_matmul: equals a matmul by the materialized regenerated weight, chunk size does not matter,
-gradients are right (gradcheck, float64), nothing is saved for backward, and it compiles and exports."""
+gradients are right (gradcheck, float64), nothing is saved for backward, and it compiles and exports.
+seedrand::frozen_matmul: its assembled weight has the trainable slice and the frozen rows of the whole regenerated
+weight, gradients pass gradcheck and opcheck, and vmap over ensemble members' slices gives each member's result."""
 
 import pytest
 import torch
 
 from seedrand.kernels.init import regenerate
-from seedrand.kernels.ops import regen_matmul
+from seedrand.kernels.ops import frozen_matmul, frozen_weight, regen_matmul
 
 SEED = 987654321
 
@@ -76,3 +78,52 @@ def test_compile_and_export():
 def test_wrong_input_width():
     with pytest.raises(ValueError, match="last dimension 5"):
         regen_matmul(torch.randn(2, 5), SEED, 3, 4, 0.1, False, False, 64)
+
+
+def frozen_case(trained_dim: int, out_f: int = 7, in_f: int = 10, frozen=(0, 3, 4), dtype=torch.float32):
+    """A freeze_fraction weight's trainable slice and index maps (frozen rows/columns ``frozen``)."""
+    n = (out_f, in_f)[trained_dim]
+    trained = torch.tensor([i for i in range(n) if i not in frozen])
+    source = torch.full((n,), -1, dtype=torch.int64)
+    source[trained] = torch.arange(len(trained))
+    shape = [out_f, in_f]
+    shape[trained_dim] = len(trained)
+    trainable = torch.randn(shape, dtype=dtype, generator=torch.Generator().manual_seed(n), requires_grad=True)
+    return trainable, source, trained
+
+
+@pytest.mark.parametrize("trained_dim", [0, 1])
+@pytest.mark.parametrize("kind", ["uniform", "normal", "zero"])
+def test_frozen_weight_rows(trained_dim, kind):
+    trainable, source, trained = frozen_case(trained_dim)
+    w = frozen_weight(trainable.detach(), source, trained, trained_dim, SEED, 0.3, kind, torch.float32)
+    assert torch.equal(w.index_select(trained_dim, trained), trainable.detach())
+    frozen = torch.tensor([0, 3, 4])
+    whole = torch.zeros(7, 10) if kind == "zero" else weight(7, 10, 0.3, kind == "normal")  # row-major counters
+    assert torch.equal(w.index_select(trained_dim, frozen), whole.index_select(trained_dim, frozen))
+
+
+@pytest.mark.parametrize("trained_dim", [0, 1])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_frozen_matmul_gradients(trained_dim, transpose):
+    trainable, source, trained = frozen_case(trained_dim, dtype=torch.float64)
+    x = torch.randn(2, 3, 7 if transpose else 10, dtype=torch.float64, requires_grad=True)
+    args = (source, trained, trained_dim, SEED, 0.3, "uniform", transpose)
+    assert torch.autograd.gradcheck(lambda a, t: frozen_matmul(a, t, *args), (x, trainable))
+    torch.library.opcheck(torch.ops.seedrand.frozen_matmul.default, (x, trainable, *args))
+
+
+def test_frozen_matmul_vmap_over_members():
+    """Ensembles: a batch of trainable slices (one per member) beside one frozen weight, with gradients."""
+    trainable, source, trained = frozen_case(0)
+    members = torch.stack([trainable.detach(), 2 * trainable.detach()]).requires_grad_()
+    x = torch.randn(4, 10)
+    args = (source, trained, 0, SEED, 0.3, "normal", False)
+    out = torch.func.vmap(lambda t: frozen_matmul(x, t, *args))(members)
+    out.square().sum().backward()
+    for i in range(2):
+        member = members[i].detach().requires_grad_()
+        expected = frozen_matmul(x, member, *args)
+        expected.square().sum().backward()
+        torch.testing.assert_close(out[i], expected)
+        torch.testing.assert_close(members.grad[i], member.grad)

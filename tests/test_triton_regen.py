@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from seedrand.kernels.init import sample
-from seedrand.kernels.ops import regen_conv, regen_matmul, regen_matmul_reference
-from seedrand.kernels.triton_regen import triton_regen_matmul, triton_regen_weight
+from seedrand.kernels.ops import frozen_matmul, regen_conv, regen_matmul, regen_matmul_reference
+from seedrand.kernels.projection import subspace_project
+from seedrand.kernels.triton_regen import triton_frozen_matmul, triton_project, triton_regen_matmul, triton_regen_weight
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -52,8 +53,42 @@ def test_backward_is_the_transposed_kernel():
     torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["uniform", "normal", "zero"])
+@pytest.mark.parametrize("trained_dim,transpose", [(0, False), (0, True), (1, False), (1, True)])
+def test_frozen_matmul_equals_reference(trained_dim, transpose, kind, dtype):
+    """freeze_fraction in one launch: trainable rows (columns) loaded, frozen ones generated; odd sizes, a frozen
+    set that straddles tiles, a strided trainable slice."""
+    out_f, in_f = 37, 45
+    n = (out_f, in_f)[trained_dim]
+    frozen = {1, 2, 30, 31, 32, 36} & set(range(n))
+    trained = torch.tensor([i for i in range(n) if i not in frozen])
+    source = torch.full((n,), -1, dtype=torch.int64)
+    source[trained] = torch.arange(len(trained))
+    shape = [out_f, in_f]
+    shape[trained_dim] = len(trained)
+    trainable = torch.randn(shape[::-1], generator=torch.Generator().manual_seed(7)).T  # non-contiguous
+    x = torch.randn(3, 5, out_f if transpose else in_f, generator=torch.Generator().manual_seed(8)).to(dtype)
+    args = (trained_dim, 99, 0.25, kind, transpose)
+    got = triton_frozen_matmul(x, trainable, source, *args)
+    expected = frozen_matmul(x.float(), trainable, source, trained, *args)
+    rtol, atol = TOLERANCE[dtype]
+    torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol)
+
+
+@pytest.mark.parametrize("kind", ["gaussian", "sparse", "very_sparse"])
+@pytest.mark.parametrize("transpose", [False, True])
+def test_project_equals_reference(kind, transpose):
+    rows, cols = 83, 11
+    x = torch.randn(rows if transpose else cols, generator=torch.Generator().manual_seed(9))
+    got = triton_project(x, 5, rows, cols, kind, 0.3, transpose)
+    torch.testing.assert_close(got, subspace_project(x, 5, rows, cols, kind, 0.3, transpose, 2**10), rtol=1e-5,
+                               atol=1e-6)
+
+
 def test_cuda_kernels_are_registered():
-    assert torch._C._dispatch_has_kernel_for_dispatch_key("seedrand::regen_matmul", "CUDA")
+    for op in ("regen_matmul", "frozen_matmul", "subspace_project"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seedrand::{op}", "CUDA"), op
 
 
 def test_bad_input():
@@ -70,6 +105,14 @@ def test_cuda_ops_match_cpu(dtype):
     for op_args in ((7, 48, 96, 0.1, False, False, 2**20),):
         torch.testing.assert_close(regen_matmul(x.cuda(), *op_args).cpu().float(), regen_matmul(x, *op_args).float(),
                                    rtol=2e-2, atol=2e-2)
+    trainable, source, trained = torch.randn(40, 96), torch.arange(-8, 40).clamp_min(-1), torch.arange(8, 48)
+    frozen = (x, trainable, source, trained, 0, 3, 0.1, "uniform", False)
+    torch.testing.assert_close(frozen_matmul(*[a.cuda() if torch.is_tensor(a) else a for a in frozen]).cpu().float(),
+                               frozen_matmul(*frozen).float(), rtol=2e-2, atol=2e-2)
+    theta_d = torch.randn(12)
+    for kind in ("gaussian", "sparse", "very_sparse"):
+        torch.testing.assert_close(subspace_project(theta_d.cuda(), 4, 500, 12, kind, 0.1, False, 2**20).cpu(),
+                                   subspace_project(theta_d, 4, 500, 12, kind, 0.1, False, 2**20))
     image = torch.randn(2, 3, 9, 9, dtype=dtype)
     conv = (11, [4, 3, 3, 3], 0.2, False, [1, 1], [1, 1], [1, 1], 1)
     torch.testing.assert_close(regen_conv(image.cuda(), *conv).cpu().float(), regen_conv(image, *conv).float(),

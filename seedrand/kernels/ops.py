@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import torch
 
-from .init import sample
+from .init import sample, sample_at
 
-__all__ = ["regen_matmul", "regen_matmul_reference", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_weight", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
 # 4 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
 # few rows that run below peak (training step of a 4096 x 4096 layer at batch 256, benchmarks/regen_matmul.py: 1.41x
@@ -118,6 +118,98 @@ def register_transposed_autograd(op, transpose_at: int) -> None:
 register_transposed_autograd(regen_matmul, 6)
 
 
+def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor, trained_dim: int, seed: int,
+                  scale: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
+    """The whole ``(out_features, in_features)`` weight of :func:`frozen_matmul`, assembled (its torch reference):
+    the ``trained`` rows (columns) from ``trainable``, the others regenerated at their row-major counters of the
+    whole weight (``kind`` ``"uniform"``/``"normal"``: ``sample_at``) or zero (``"zero"``), in ``dtype``."""
+    shape = list(trainable.shape)
+    shape[trained_dim] = source.shape[0]
+    frozen = (source < 0).nonzero().squeeze(1)
+    w = torch.empty(shape, dtype=dtype, device=trainable.device)
+    w.index_copy_(trained_dim, trained, trainable.to(dtype))
+    if kind == "zero":
+        values = w.new_zeros(len(frozen) if trained_dim == 0 else shape[0], len(frozen) if trained_dim else shape[1])
+    else:
+        rows, cols = (frozen, torch.arange(shape[1], device=w.device)) if trained_dim == 0 else \
+            (torch.arange(shape[0], device=w.device), frozen)
+        values = sample_at(seed, rows[:, None] * shape[1] + cols[None, :], kind, scale, dtype)
+    return w.index_copy_(trained_dim, frozen, values)
+
+
+@torch.library.custom_op("seedrand::frozen_matmul", mutates_args=())
+def frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor,
+                  trained_dim: int, seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
+    """``x @ W.T`` (or ``x @ W`` with ``transpose``) for a ``freeze_fraction`` weight ``W`` of which only the trained
+    rows (``trained_dim`` 0, frozen filters) or columns (1, frozen inputs) are stored (paper 002, section 3): on CUDA
+    one Triton launch loads them and generates the frozen ones in registers
+    (:func:`seedrand.kernels.triton_regen.triton_frozen_matmul`); elsewhere :func:`frozen_weight` assembles ``W``.
+
+    Args:
+        x: ``(..., in_features)`` (``(..., out_features)`` with ``transpose``), a float dtype.
+        trainable: the trained slice, 2-d, ``W``'s shape but ``len(trained)`` along ``trained_dim``; gets gradients.
+        source: int64 ``(W.shape[trained_dim],)``, per row (column) its index in ``trainable`` or ``-1`` (frozen).
+        trained: int64, the ascending indices where ``source >= 0`` (so that backward has static shapes).
+        trained_dim: 0 or 1.
+        seed, scale, kind: the frozen values: the whole weight's Philox key and ``U(-scale, scale)`` (``"uniform"``)
+            or ``N(0, scale**2)`` (``"normal"``) at row-major counter ``o * in_features + i``, or ``"zero"``.
+        transpose: multiply by ``W`` instead of ``W.T``.
+
+    Returns:
+        ``(..., out_features)`` (``(..., in_features)``), dtype and device of ``x``.
+
+    Raises:
+        ValueError: ``x``'s last dimension does not fit ``W``.
+    """
+    return _frozen_reference(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose)
+
+
+def _frozen_reference(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
+    w = frozen_weight(trainable, source, trained, trained_dim, seed, scale, kind, x.dtype)
+    if x.shape[-1] != w.shape[0 if transpose else 1]:
+        raise ValueError(f"frozen_matmul: x has last dimension {x.shape[-1]}, the weight has shape {tuple(w.shape)}")
+    return x @ (w if transpose else w.T)
+
+
+@frozen_matmul.register_kernel("cuda")
+def _(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
+    from .triton_regen import triton_frozen_matmul
+
+    if x.dtype == torch.float64:
+        return _frozen_reference(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose)
+    return triton_frozen_matmul(x, trainable, source, trained_dim, seed, scale, kind, transpose)
+
+
+@frozen_matmul.register_fake
+def _(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
+    features = source.shape[0] if trained_dim == int(transpose) else trainable.shape[int(transpose)]
+    return x.new_empty(*x.shape[:-1], features)
+
+
+def _frozen_setup_context(ctx, inputs, output):
+    x, trainable, source, trained, *ctx.args = inputs
+    ctx.save_for_backward(x, trainable, source, trained)
+
+
+def _frozen_backward(ctx, grad):
+    """``dx`` is the op with ``transpose`` flipped; ``dW = grad.T @ x`` (``x.T @ grad`` transposed), of which only
+    the trained rows (columns) are computed."""
+    x, trainable, source, trained = ctx.saved_tensors
+    trained_dim, seed, scale, kind, transpose = ctx.args
+    grad_x = frozen_matmul(grad.contiguous(), trainable, source, trained, trained_dim, seed, scale, kind,
+                           not transpose)
+    a, b = (x, grad) if transpose else (grad, x)
+    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+    if trained_dim == 0:
+        a = a.index_select(1, trained)
+    else:
+        b = b.index_select(1, trained)
+    return grad_x, (a.T @ b).to(trainable.dtype), None, None, None, None, None, None, None
+
+
+frozen_matmul.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
+
+
 _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.nn.functional.conv3d}
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 
@@ -185,3 +277,16 @@ def _(info, in_dims, x, *args):
 def _(info, in_dims, x, *args):
     x = x.movedim(in_dims[0], 0)
     return regen_conv(x.flatten(0, 1), *args).unflatten(0, x.shape[:2]), 0
+
+
+@frozen_matmul.register_vmap
+def _(info, in_dims, x, trainable, source, trained, *args):
+    """A batch of inputs folds into the leading dimensions; a batch of trainable slices (ensemble members, each
+    its own slice of one frozen weight) runs member by member."""
+    if in_dims[2] is not None or in_dims[3] is not None:
+        raise ValueError("frozen_matmul: the index maps source and trained cannot be batched")
+    if in_dims[1] is None:
+        return frozen_matmul(x.movedim(in_dims[0], 0), trainable, source, trained, *args), 0
+    members = trainable.movedim(in_dims[1], 0)
+    xs = x.movedim(in_dims[0], 0) if in_dims[0] is not None else [x] * len(members)
+    return torch.stack([frozen_matmul(xi, ti, source, trained, *args) for xi, ti in zip(xs, members)]), 0

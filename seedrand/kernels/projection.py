@@ -72,16 +72,26 @@ def subspace_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str
                      chunk_bytes: int) -> torch.Tensor:
     """``P @ x`` (``x``: ``(cols,)`` -> ``(rows,)``) or, with ``transpose``, ``P.T @ x`` (``(rows,)`` -> ``(cols,)``)
     for the ``rows x cols`` projection ``kind`` (``gaussian``, ``orthogonal``, ``sparse``, ``very_sparse``) of
-    Philox key ``seed`` (see the module docstring). Computed in float32 (blocks are made on the CPU and moved to
-    ``x``'s device); returns ``x``'s dtype. ``density`` is used by ``very_sparse`` only.
+    Philox key ``seed`` (see the module docstring). Computed in float32; returns ``x``'s dtype. On CUDA the
+    Triton kernel generates tiles of ``P`` in registers (``orthogonal``: QR blocks made on the CPU and moved). ``density`` is used by ``very_sparse`` only.
 
     Raises:
         ValueError: ``x`` has the wrong length, or ``orthogonal`` with ``rows < cols``.
     """
+    _check(x, rows, cols, kind, transpose)
+    return _project_blocks(x, seed, rows, cols, kind, density, transpose, chunk_bytes)
+
+
+def _check(x: torch.Tensor, rows: int, cols: int, kind: str, transpose: bool) -> None:
     if x.shape != ((rows,) if transpose else (cols,)):
         raise ValueError(f"subspace_project: x has shape {tuple(x.shape)}, expected ({rows if transpose else cols},)")
     if kind == "orthogonal" and rows < cols:
         raise ValueError(f"orthogonal projection needs D >= d, got D={rows}, d={cols}")
+
+
+def _project_blocks(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, density: float, transpose: bool,
+                    chunk_bytes: int) -> torch.Tensor:
+    """The torch implementation of :func:`subspace_project`: ``P`` made on the CPU in row blocks."""
     blocks = _blocks(kind, rows, cols, chunk_bytes)
     x32 = x.float()
     out = x32.new_zeros(cols) if transpose else x32.new_empty(rows)
@@ -92,6 +102,18 @@ def subspace_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str
         else:
             out[block.start:block.stop] = p @ x32
     return out.to(x.dtype)
+
+
+@subspace_project.register_kernel("cuda")
+def _(x, seed, rows, cols, kind, density, transpose, chunk_bytes):
+    """On CUDA, ``gaussian``/``sparse``/``very_sparse`` tiles of ``P`` are generated in registers by the Triton
+    regenerate-and-multiply kernel (``chunk_bytes`` does not apply); ``orthogonal`` needs QR blocks (above)."""
+    _check(x, rows, cols, kind, transpose)
+    if kind == "orthogonal":
+        return _project_blocks(x, seed, rows, cols, kind, density, transpose, chunk_bytes)
+    from .triton_regen import triton_project
+
+    return triton_project(x.float(), seed, rows, cols, kind, density, transpose).to(x.dtype)
 
 
 @subspace_project.register_fake

@@ -18,7 +18,9 @@ run on CPU tensors under ``TRITON_INTERPRET=1`` (set before ``triton`` is import
 
 from __future__ import annotations
 
+import math
 import os
+from typing import Optional
 
 import torch
 import triton
@@ -26,26 +28,38 @@ import triton.language as tl
 
 from .triton_philox import stream_element
 
-__all__ = ["triton_regen_matmul", "triton_regen_weight"]
+__all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
 
 
+# the distributions a kernel generates (constexpr DIST): zero, U(-scale, scale), N(0, scale**2), and the ternary
+# scale * {+1, 0, -1} of the sparse projections (+1 below ``lo``, -1 at or above ``hi``)
+_DISTS = {"zero": 0, "uniform": 1, "normal": 2, "ternary": 3}
+
+
 @triton.jit
-def _weight(seed, counters, scale, NORMAL: tl.constexpr):
-    """Weight values at stream elements ``counters``, in float32: ``(2 u - 1) * scale`` or ``n * scale`` (the
-    roundings of the torch reference; launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
-    if NORMAL:
+def _weight(seed, counters, scale, lo, hi, DIST: tl.constexpr):
+    """Weight values at stream elements ``counters``, in float32, with the roundings of the torch references
+    (launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
+    if DIST == 0:
+        return tl.zeros(counters.shape, dtype=tl.float32)
+    if DIST == 2:
         return stream_element(seed, counters, 2) * scale
-    return (2.0 * stream_element(seed, counters, 1) - 1.0) * scale
+    u = stream_element(seed, counters, 1)
+    if DIST == 1:
+        return (2.0 * u - 1.0) * scale
+    return ((u < lo).to(tl.float32) - (u >= hi).to(tl.float32)) * scale
 
 
 @triton.jit
-def _regen_matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn, seed, scale,
-                         NORMAL: tl.constexpr, TRANSPOSE: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
+                         stride_t0, stride_t1, seed, scale, lo, hi, DIST: tl.constexpr, TRANSPOSE: tl.constexpr,
+                         TRAINED_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
-    # y[m, n] = sum_k x[m, k] * Wt[k, n] with Wt = W.T (counter n * K + k) or, transposed, W (counter k * N + n)
+    # y[m, n] = sum_k x[m, k] * Wt[k, n], Wt = W.T (transposed: W); W[o, i] is generated at counter o * in + i or,
+    # along TRAINED_DIM (0: rows o, 1: columns i; -1: none) where src >= 0, loaded from t[src, i] (t[o, src])
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -54,12 +68,19 @@ def _regen_matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_ym,
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
+        inside = (rk[:, None] < K) & (rn[None, :] < N)
         if TRANSPOSE:
-            counters = rk[:, None].to(tl.int64) * N + rn[None, :]
+            o, i, in_features = rk[:, None].to(tl.int64), rn[None, :].to(tl.int64), N
         else:
-            counters = rn[None, :].to(tl.int64) * K + rk[:, None]
-        w = _weight(seed, counters, scale, NORMAL)
-        w = tl.where((rk[:, None] < K) & (rn[None, :] < N), w, 0.0)
+            o, i, in_features = rn[None, :].to(tl.int64), rk[:, None].to(tl.int64), K
+        w = _weight(seed, o * in_features + i, scale, lo, hi, DIST)
+        if TRAINED_DIM >= 0:
+            src = tl.load(src_ptr + tl.broadcast_to(o if TRAINED_DIM == 0 else i, (BLOCK_K, BLOCK_N)),
+                          mask=inside, other=-1).to(tl.int64)
+            trained = src >= 0
+            offset = src * stride_t0 + i * stride_t1 if TRAINED_DIM == 0 else o * stride_t0 + src * stride_t1
+            w = tl.where(trained, tl.load(t_ptr + offset, mask=inside & trained, other=0.0).to(tl.float32), w)
+        w = tl.where(inside, w, 0.0)
         if UPCAST or x.dtype == tl.float32:  # full float32 products, as torch's matmul (no TF32)
             acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -71,19 +92,45 @@ def _regen_matmul_kernel(x_ptr, y_ptr, M, N, K, stride_xm, stride_xk, stride_ym,
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                   (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]]
-_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "TRANSPOSE"])(_regen_matmul_kernel)
+_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "TRANSPOSE", "TRAINED_DIM"])(_regen_matmul_kernel)
 
 
 @triton.jit
-def _fill_kernel(out_ptr, n, start, seed, scale, NORMAL: tl.constexpr, BLOCK: tl.constexpr):
+def _fill_kernel(out_ptr, n, start, seed, scale, DIST: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    w = _weight(seed, start + idx, scale, NORMAL)
+    w = _weight(seed, start + idx, scale, 0.0, 0.0, DIST)
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=idx < n)
 
 
 def _options() -> dict:
     # the interpreter neither benchmarks (autotune) nor takes compiler options
     return {} if _INTERPRETED else {"enable_fp_fusion": False}
+
+
+def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: float, dist: str,
+            lo: float = 0.0, hi: float = 0.0, trainable: Optional[torch.Tensor] = None,
+            source: Optional[torch.Tensor] = None, trained_dim: int = -1) -> torch.Tensor:
+    """Launch the kernel on ``x`` ``(..., k)`` -> ``(..., n)`` (checks as :func:`triton_regen_matmul`)."""
+    name = "triton_regen_matmul"
+    if x.shape[-1] != k:
+        raise ValueError(f"{name}: x has last dimension {x.shape[-1]}, the weight needs {k}")
+    if x.dtype not in _TL_DTYPES:
+        raise ValueError(f"{name}: dtype {x.dtype} is not float32, float16 or bfloat16")
+    x2 = x.reshape(-1, k)
+    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    t = x2 if trainable is None else trainable
+    args = (x2, y, t, x2 if source is None else source, x2.shape[0], n, k, x2.stride(0), x2.stride(1), y.stride(0),
+            y.stride(1), t.stride(0), t.stride(1), seed, scale, lo, hi)
+    flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "TRAINED_DIM": trained_dim}
+    if _INTERPRETED:
+        grid = (triton.cdiv(x2.shape[0], 16), triton.cdiv(n, 32))
+        # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
+        _regen_matmul_kernel[grid](*args, **flags, UPCAST=x.dtype == torch.bfloat16, BLOCK_M=16, BLOCK_N=32,
+                                   BLOCK_K=32)
+    else:
+        grid = lambda meta: (triton.cdiv(x2.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa
+        _regen_matmul_tuned[grid](*args, **flags, UPCAST=False, **_options())
+    return y.reshape(*x.shape[:-1], n)
 
 
 def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_features: int, scale: float,
@@ -106,23 +153,63 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
         ValueError: ``x``'s last dimension does not fit the weight, or its dtype is not float32/float16/bfloat16.
     """
     k, n = (out_features, in_features) if transpose else (in_features, out_features)
-    if x.shape[-1] != k:
-        raise ValueError(f"triton_regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
-    if x.dtype not in _TL_DTYPES:
-        raise ValueError(f"triton_regen_matmul: dtype {x.dtype} is not float32, float16 or bfloat16")
-    x2 = x.reshape(-1, k)
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
-    args = (x2, y, x2.shape[0], n, k, x2.stride(0), x2.stride(1), y.stride(0), y.stride(1), seed, scale)
-    if _INTERPRETED:
-        blocks = {"BLOCK_M": 16, "BLOCK_N": 32, "BLOCK_K": 32}
-        grid = (triton.cdiv(x2.shape[0], 16), triton.cdiv(n, 32))
-        # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
-        _regen_matmul_kernel[grid](*args, NORMAL=normal, TRANSPOSE=transpose, UPCAST=x.dtype == torch.bfloat16,
-                                   **blocks)
+    return _matmul(x, k, n, transpose, seed, scale, "normal" if normal else "uniform")
+
+
+def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained_dim: int,
+                         seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
+    """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch: the trainable rows (``trained_dim``
+    0) or columns (1) of ``W`` are loaded from ``trainable``, the frozen ones generated in registers at their
+    counters ``o * in_features + i`` of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``).
+
+    Args:
+        x: as :func:`triton_regen_matmul`.
+        trainable: the trained slice of ``W``, 2-d, any float dtype and strides (read as float32).
+        source: int64 ``(W.shape[trained_dim],)``: per row (column) of ``W``, its index in ``trainable``, or ``-1``
+            where it is frozen.
+        trained_dim: 0 or 1.
+        seed, scale: the whole weight's Philox key and uniform bound (normal standard deviation).
+        kind: ``"uniform"``, ``"normal"`` or ``"zero"``.
+        transpose: multiply by ``W`` instead of ``W.T``.
+
+    Returns:
+        ``(..., out_features)`` (``(..., in_features)``), ``x``'s dtype and device; accumulated in float32.
+
+    Raises:
+        ValueError: as :func:`triton_regen_matmul`.
+    """
+    shape = [trainable.shape[0], trainable.shape[1]]
+    shape[trained_dim] = source.shape[0]
+    k, n = shape[::-1] if not transpose else shape
+    return _matmul(x, k, n, transpose, seed, scale, kind, trainable=trainable, source=source,
+                   trained_dim=trained_dim)
+
+
+def triton_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, density: float,
+                   transpose: bool) -> torch.Tensor:
+    """``P @ x`` (``P.T @ x`` with ``transpose``) for the ``rows x cols`` projection ``kind`` of
+    :mod:`seedrand.kernels.projection` (``gaussian``, ``sparse``, ``very_sparse``), its tiles generated in registers:
+    ``P`` is never written to memory.
+
+    Args:
+        x: ``(cols,)`` (``(rows,)``), float32; CUDA, or CPU under ``TRITON_INTERPRET=1``.
+        seed: the projection's Philox key; density: ``very_sparse`` only.
+
+    Returns:
+        ``(rows,)`` (``(cols,)``) float32.
+
+    Raises:
+        ValueError: another ``kind``, or ``x`` of the wrong length.
+    """
+    if kind == "gaussian":
+        dist, scale, p = "normal", 1 / math.sqrt(rows), 0.0
+    elif kind in ("sparse", "very_sparse"):
+        dist, p = "ternary", 1 / 3 if kind == "sparse" else density
+        scale = 1 / math.sqrt(p * rows)
     else:
-        grid = lambda meta: (triton.cdiv(x2.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa
-        _regen_matmul_tuned[grid](*args, NORMAL=normal, TRANSPOSE=transpose, UPCAST=False, **_options())
-    return y.reshape(*x.shape[:-1], n)
+        raise ValueError(f"triton_project generates gaussian, sparse and very_sparse projections, not {kind!r}")
+    k, n = (rows, cols) if transpose else (cols, rows)
+    return _matmul(x[None], k, n, transpose, seed, scale, dist, p / 2, 1 - p / 2)[0]
 
 
 def triton_regen_weight(seed: int, shape: tuple[int, ...], scale: float, normal: bool, dtype: torch.dtype,
@@ -140,5 +227,6 @@ def triton_regen_weight(seed: int, shape: tuple[int, ...], scale: float, normal:
     """
     out = torch.empty(shape, dtype=dtype, device=device)
     n = out.numel()
-    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, NORMAL=normal, BLOCK=block, **_options())
+    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, DIST=_DISTS["normal" if normal else "uniform"], BLOCK=block,
+                                           **_options())
     return out

@@ -18,6 +18,8 @@ With ``dim: out`` the bias follows its filters: the frozen filters' bias entries
 1/sqrt(fan_in))``, PyTorch's default bias init, key ``derive_seed(seed, qualname, "bias")``), zero, or kept. The
 module's ``weight`` (and ``bias``) become :class:`FrozenFraction` submodules that assemble the full tensor, and the
 graph reads them in place of the stored tensors; any layer type whose forward reads ``self.weight`` works the same.
+An ``nn.Linear`` called as a module becomes a :class:`FrozenFractionLinear` holding those submodules, whose matmul
+never assembles the weight on CUDA (``seedrand::frozen_matmul``: frozen rows generated inside the Triton kernel).
 """
 
 from __future__ import annotations
@@ -31,12 +33,15 @@ import torch.nn as nn
 
 from ..kernels import philox
 from ..kernels.init import sample_at
+from ..kernels.ops import frozen_matmul
 from ..kernels.philox import derive_seed
+from ..rewriter.graph import install
 from ..rewriter.match import Target
-from .layout import layout, layout_of, row_major_strides, slice_counters, stored_weight, substitute_weight
+from .layout import (layout, layout_of, row_major_strides, slice_counters, stored_weight, substitute_weight,
+                     weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["FrozenSlice", "FrozenFraction", "freeze_fraction", "freeze_fraction_captured", "frozen_indices"]
+__all__ = ["FrozenSlice", "FrozenFraction", "FrozenFractionLinear", "freeze_fraction", "freeze_fraction_captured", "frozen_indices"]
 
 
 def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]:
@@ -149,6 +154,38 @@ class FrozenFraction(FrozenSlice):
         return whole if self.order is None else whole.index_select(self.dim, self.order)
 
 
+class FrozenFractionLinear(nn.Module):
+    """An ``nn.Linear`` whose weight is a :class:`FrozenFraction` (``dim: out`` or ``in``): ``y = x @ W.T + b``
+    computed by ``seedrand::frozen_matmul`` (``seedrand.kernels.ops``), which on CUDA is one Triton launch that loads
+    the trainable rows (columns) and generates the frozen ones in registers, so the whole weight is never written
+    (``fixed: random`` and ``zero``; ``keep`` and ONNX export assemble it). The submodules ``weight`` and ``bias`` (a
+    :class:`FrozenFraction`, the original ``Parameter`` or ``None``) keep the state-dict keys of the inlined form.
+
+    Input ``(..., in_features)``, a float dtype; output ``(..., out_features)``, same dtype.
+    """
+
+    def __init__(self, weight: FrozenFraction, bias: FrozenFraction | nn.Parameter | None):
+        super().__init__()
+        self.weight, self.bias = weight, bias
+        n = weight.trainable.shape[weight.dim] + len(weight.frozen_list)
+        trained = torch.tensor([i for i in range(n) if i not in set(weight.frozen_list)], dtype=torch.int64)
+        source = torch.full((n,), -1, dtype=torch.int64)
+        source[trained] = torch.arange(len(trained))
+        self.register_buffer("source", source, persistent=False)
+        self.register_buffer("trained", trained, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight
+        if w.fixed == "keep" or torch.onnx.is_in_onnx_export():
+            y = nn.functional.linear(x, w())
+        else:
+            stream = w.streams.get("frozen", Stream(0, "zero", 0.0, ()))
+            y = frozen_matmul(x, w.trainable, self.source, self.trained, w.dim, stream.seed, stream.scale,
+                              stream.kind, False)
+        bias = self.bias() if isinstance(self.bias, FrozenFraction) else self.bias
+        return y if bias is None else y + bias
+
+
 def _take(value: torch.Tensor, dim: int, index: list[int]) -> torch.Tensor:
     return value.index_select(dim, torch.tensor(index, dtype=torch.int64, device=value.device)).clone()
 
@@ -179,8 +216,18 @@ def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
             the rule asks ``dim: in`` of an embedding (names the module, the rule and its YAML line).
     """
     bias = dict(gm.named_parameters()).get(f"{target.qualname}.bias")
-    substitute_weight(gm, target, _slices(target, layout(gm, target), stored_weight(gm, target), bias,
-                                          FrozenFraction))
+    slices = _slices(target, layout(gm, target), stored_weight(gm, target), bias, FrozenFraction)
+    if _plain_linear(gm, target):
+        install(gm, target.qualname, FrozenFractionLinear(slices["weight"], slices.get("bias", bias)))
+    else:
+        substitute_weight(gm, target, slices)
+
+
+def _plain_linear(gm: fx.GraphModule, target: Target) -> bool:
+    """The graph calls ``target``, an ``nn.Linear`` with the stock forward, as a module (a symbolic trace; an
+    exported graph reads its weight with aten ops instead), so :class:`FrozenFractionLinear` can replace it."""
+    return (target.cls.forward is nn.Linear.forward and not weight_readers(gm, target)
+            and any(n.op == "call_module" and n.target == target.qualname for n in gm.graph.nodes))
 
 
 def freeze_fraction_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx.Node]) -> None:
