@@ -12,7 +12,7 @@ import torch
 import triton
 import triton.language as tl
 
-__all__ = ["triton_random", "stream_element"]
+__all__ = ["triton_random", "stream_element", "stream_blocks", "interleave"]
 
 _KINDS = ("randint", "rand", "randn")
 
@@ -36,6 +36,31 @@ def stream_element(seed, offsets, KIND: tl.constexpr):
     if KIND == 1:
         value = tl.uint_to_uniform_float(value)
     return value
+
+
+@triton.jit
+def stream_blocks(seed, blocks, KIND: tl.constexpr):
+    """The four elements ``4 * blocks + 0..3`` of the stream (``KIND`` as :func:`stream_element`), as four
+    tensors of ``blocks``' shape: one ``tl.randint4x`` per four elements, a quarter of :func:`stream_element`'s
+    rounds, where a tile's elements come in aligned groups of four consecutive counters (interleave them with
+    :func:`interleave`)."""
+    a, b, c, d = tl.randint4x(seed, blocks)
+    if KIND == 0:
+        return a, b, c, d
+    a, b = tl.uint_to_uniform_float(a), tl.uint_to_uniform_float(b)
+    c, d = tl.uint_to_uniform_float(c), tl.uint_to_uniform_float(d)
+    if KIND == 2:
+        a, b = tl.pair_uniform_to_normal(a, b)
+        c, d = tl.pair_uniform_to_normal(c, d)
+    return a, b, c, d
+
+
+@triton.jit
+def interleave(a, b, c, d):
+    """``[m, 4 n]`` from four ``[m, n]`` tensors: element ``[i, 4 j + w]`` of the result is element ``[i, j]`` of
+    the ``w``-th (the stream order of :func:`stream_blocks`' words)."""
+    joined = tl.join(tl.join(a, c), tl.join(b, d))  # [m, n, 2, 2]: [i, j, q, p] is word 2 q + p
+    return tl.reshape(joined, (a.shape[0], a.shape[1] * 4))
 
 
 @triton.jit

@@ -5,14 +5,20 @@ traffic): a matmul with a weight that is never loaded, and a fill for the weight
   ``(out_features, in_features)`` weight ``W[o, i] = U(-scale, scale)`` or ``N(0, scale**2)`` at stream element
   ``o * in_features + i``, the same tensor as :func:`seedrand.kernels.init.sample`. Each program owns a
   ``BLOCK_M x BLOCK_N`` output tile and walks the reduction in ``BLOCK_K`` steps: it loads the ``x`` tile and
-  generates the weight tile with ``tl.rand4x``/``tl.randn4x`` instead of loading it; products accumulate in float32 and
-  the result is stored in ``x``'s dtype. Backward (``dx = dy @ W``) is the same kernel with ``transpose`` flipped;
-  ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x`` are handled; block sizes are
-  autotuned on GPUs.
+  generates the weight tile instead of loading it: where ``in_features`` is a multiple of 4, a row of ``W`` is whole
+  Philox blocks and each ``tl.randint4x`` gives four weights (interleaved into the tile), else one block per weight;
+  products accumulate in float32 and the result is stored in ``x``'s dtype. Backward (``dx = dy @ W``) is the same
+  kernel with ``transpose`` flipped; ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x``
+  are handled; block sizes are autotuned on GPUs.
+* :func:`triton_frozen_matmul`: the same kernel for a ``freeze_fraction`` weight, its trainable rows (columns) loaded
+  and its frozen ones generated, in one launch.
+* :func:`triton_project`: ``P @ x`` and ``P.T @ x`` for the subspace projections whose entries are i.i.d.
+  (``gaussian``, ``sparse``, ``very_sparse``): the kernel with one row of ``x``, tiles of ``P`` generated.
 * :func:`triton_regen_weight` writes the weight itself (for the vendor convolution, forward and backward).
 
-These are the CUDA kernels of the custom ops ``seedrand::regen_matmul`` and ``seedrand::regen_conv``
-(:mod:`seedrand.kernels.ops`); their torch references are the CPU implementations of those ops. Without a GPU they
+These are the CUDA kernels of the custom ops ``seedrand::regen_matmul``, ``seedrand::frozen_matmul``,
+``seedrand::subspace_project`` and ``seedrand::regen_conv``; their torch references are the CPU implementations of
+those ops. Without a GPU they
 run on CPU tensors under ``TRITON_INTERPRET=1`` (set before ``triton`` is imported), which is how they are tested.
 """
 
@@ -26,7 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .triton_philox import stream_element
+from .triton_philox import interleave, stream_blocks, stream_element
 
 __all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight"]
 
@@ -40,23 +46,40 @@ _DISTS = {"zero": 0, "uniform": 1, "normal": 2, "ternary": 3}
 
 
 @triton.jit
+def _scaled(value, scale, lo, hi, DIST: tl.constexpr):
+    """Weights from stream values (uniform floats; normals for DIST 2), in float32, with the roundings of the torch
+    references (launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
+    if DIST == 2:
+        return value * scale
+    if DIST == 1:
+        return (2.0 * value - 1.0) * scale
+    return ((value < lo).to(tl.float32) - (value >= hi).to(tl.float32)) * scale
+
+
+@triton.jit
 def _weight(seed, counters, scale, lo, hi, DIST: tl.constexpr):
-    """Weight values at stream elements ``counters``, in float32, with the roundings of the torch references
-    (launches disable FMA contraction so that ``2 u - 1`` is rounded as there)."""
+    """Weight values at stream elements ``counters`` (any shape), one Philox block each."""
     if DIST == 0:
         return tl.zeros(counters.shape, dtype=tl.float32)
-    if DIST == 2:
-        return stream_element(seed, counters, 2) * scale
-    u = stream_element(seed, counters, 1)
-    if DIST == 1:
-        return (2.0 * u - 1.0) * scale
-    return ((u < lo).to(tl.float32) - (u >= hi).to(tl.float32)) * scale
+    return _scaled(stream_element(seed, counters, 2 if DIST == 2 else 1), scale, lo, hi, DIST)
+
+
+@triton.jit
+def _weight_rows(seed, first, scale, lo, hi, DIST: tl.constexpr, ROWS: tl.constexpr, COLS: tl.constexpr):
+    """``[ROWS, COLS]`` weight values at counters ``first[r] + c`` (``first``: int64 ``[ROWS, 1]``, multiples of
+    4): each Philox block gives four consecutive values, a quarter of :func:`_weight`'s rounds."""
+    if DIST == 0:
+        return tl.zeros((ROWS, COLS), dtype=tl.float32)
+    blocks = (first + 4 * tl.arange(0, COLS // 4)[None, :]) >> 2
+    a, b, c, d = stream_blocks(seed, blocks, 2 if DIST == 2 else 1)
+    return interleave(_scaled(a, scale, lo, hi, DIST), _scaled(b, scale, lo, hi, DIST),
+                      _scaled(c, scale, lo, hi, DIST), _scaled(d, scale, lo, hi, DIST))
 
 
 @triton.jit
 def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
                          stride_t0, stride_t1, seed, scale, lo, hi, DIST: tl.constexpr, TRANSPOSE: tl.constexpr,
-                         TRAINED_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
+                         ALIGNED: tl.constexpr, TRAINED_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
                          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[m, n] = sum_k x[m, k] * Wt[k, n], Wt = W.T (transposed: W); W[o, i] is generated at counter o * in + i or,
     # along TRAINED_DIM (0: rows o, 1: columns i; -1: none) where src >= 0, loaded from t[src, i] (t[o, src])
@@ -73,7 +96,12 @@ def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, strid
             o, i, in_features = rk[:, None].to(tl.int64), rn[None, :].to(tl.int64), N
         else:
             o, i, in_features = rn[None, :].to(tl.int64), rk[:, None].to(tl.int64), K
-        w = _weight(seed, o * in_features + i, scale, lo, hi, DIST)
+        if ALIGNED and TRANSPOSE:  # counters k * N + n run along the tile's rows in aligned fours
+            w = _weight_rows(seed, o * N + pid_n * BLOCK_N, scale, lo, hi, DIST, BLOCK_K, BLOCK_N)
+        elif ALIGNED:  # counters n * K + k run down its columns: generate the transpose
+            w = tl.trans(_weight_rows(seed, tl.trans(o) * K + k0, scale, lo, hi, DIST, BLOCK_N, BLOCK_K))
+        else:
+            w = _weight(seed, o * in_features + i, scale, lo, hi, DIST)
         if TRAINED_DIM >= 0:
             src = tl.load(src_ptr + tl.broadcast_to(o if TRAINED_DIM == 0 else i, (BLOCK_K, BLOCK_N)),
                           mask=inside, other=-1).to(tl.int64)
@@ -96,9 +124,13 @@ _regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "TRA
 
 
 @triton.jit
-def _fill_kernel(out_ptr, n, start, seed, scale, DIST: tl.constexpr, BLOCK: tl.constexpr):
+def _fill_kernel(out_ptr, n, start, seed, scale, DIST: tl.constexpr, ALIGNED: tl.constexpr, BLOCK: tl.constexpr):
     idx = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    w = _weight(seed, start + idx, scale, 0.0, 0.0, DIST)
+    if ALIGNED:  # start is a multiple of 4: whole Philox blocks
+        first = tl.zeros((1, 1), dtype=tl.int64) + start + tl.program_id(0).to(tl.int64) * BLOCK
+        w = tl.reshape(_weight_rows(seed, first, scale, 0.0, 0.0, DIST, 1, BLOCK), (BLOCK,))
+    else:
+        w = _weight(seed, start + idx, scale, 0.0, 0.0, DIST)
     tl.store(out_ptr + idx, w.to(out_ptr.dtype.element_ty), mask=idx < n)
 
 
@@ -121,7 +153,9 @@ def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: 
     t = x2 if trainable is None else trainable
     args = (x2, y, t, x2 if source is None else source, x2.shape[0], n, k, x2.stride(0), x2.stride(1), y.stride(0),
             y.stride(1), t.stride(0), t.stride(1), seed, scale, lo, hi)
-    flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "TRAINED_DIM": trained_dim}
+    # the weight's rows are whole Philox blocks when in_features (n transposed, else k) is a multiple of 4
+    flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "ALIGNED": (n if transpose else k) % 4 == 0,
+             "TRAINED_DIM": trained_dim}
     if _INTERPRETED:
         grid = (triton.cdiv(x2.shape[0], 16), triton.cdiv(n, 32))
         # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
@@ -227,6 +261,7 @@ def triton_regen_weight(seed: int, shape: tuple[int, ...], scale: float, normal:
     """
     out = torch.empty(shape, dtype=dtype, device=device)
     n = out.numel()
-    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, DIST=_DISTS["normal" if normal else "uniform"], BLOCK=block,
+    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, DIST=_DISTS["normal" if normal else "uniform"],
+                                           ALIGNED=start % 4 == 0, BLOCK=block,
                                            **_options())
     return out
