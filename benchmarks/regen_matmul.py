@@ -3,7 +3,8 @@
 CUDA (when a GPU is present): ``seedrand::regen_matmul`` (the Triton kernel generating weight tiles in registers)
 against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 256, 4096} and K = N in
 {1024, 4096, 8192}, float16: time (ms, CUDA events via ``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s
-(bytes moved: x, y and, for the stored weight, W) and the time ratio.
+(bytes moved: x, y and, for the stored weight, W) and the time ratio; and ``seedrand::frozen_matmul`` for a
+``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
 
 CPU (always): regeneration throughput of the numba Philox (G values/s) and one training step (forward, backward,
 no weight gradient) of a 4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen.
@@ -20,24 +21,31 @@ import torch.nn as nn
 
 import seedrand
 from seedrand.kernels.init import sample
-from seedrand.kernels.ops import DEFAULT_CHUNK_BYTES, regen_matmul
+from seedrand.kernels.ops import DEFAULT_CHUNK_BYTES, frozen_matmul, regen_matmul
 
 
 def cuda_table() -> None:
     import triton.testing
 
     print(f"{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}{'regen TFLOP/s':>15}"
-          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}")
+          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'ff90 ms':>9}{'ff90/stored':>13}")
     for kn in (1024, 4096, 8192):
         w = torch.randn(kn, kn, device="cuda", dtype=torch.float16) * 0.01
+        trained = torch.arange(0, kn, 10, device="cuda")  # every tenth filter trains
+        source = torch.full((kn,), -1, device="cuda")
+        source[trained] = torch.arange(len(trained), device="cuda")
+        trainable = w[trained]
         for m in (1, 16, 256, 4096):
             x = torch.randn(m, kn, device="cuda", dtype=torch.float16)
             stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
             regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False,
                                                                  DEFAULT_CHUNK_BYTES))
+            frozen = triton.testing.do_bench(lambda: frozen_matmul(x, trainable, source, trained, 0, 7, 0.01,
+                                                                   "uniform", False))
             flops, io = 2 * m * kn * kn, 2 * (2 * m * kn)
             print(f"{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}{flops / regen / 1e9:>15.2f}"
-                  f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}")
+                  f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}"
+                  f"{frozen:>9.3f}{frozen / stored:>13.2f}")
 
 
 def step_ms(models: list[nn.Module], x: torch.Tensor, rounds: int = 8) -> list[float]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .init import sample, sample_at
+from .init import sample
 
 __all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_weight", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
@@ -122,19 +122,16 @@ def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.
                   scale: float, kind: str, dtype: torch.dtype) -> torch.Tensor:
     """The whole ``(out_features, in_features)`` weight of :func:`frozen_matmul`, assembled (its torch reference):
     the ``trained`` rows (columns) from ``trainable``, the others regenerated at their row-major counters of the
-    whole weight (``kind`` ``"uniform"``/``"normal"``: ``sample_at``) or zero (``"zero"``), in ``dtype``."""
+    whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``), in ``dtype``. The whole weight is
+    generated and the trained part overwritten: on the CPU a counter range runs at several times the rate of
+    gathered counters (``cpu_philox``), so this is faster than generating the frozen part alone."""
     shape = list(trainable.shape)
     shape[trained_dim] = source.shape[0]
-    frozen = (source < 0).nonzero().squeeze(1)
-    w = torch.empty(shape, dtype=dtype, device=trainable.device)
-    w.index_copy_(trained_dim, trained, trainable.to(dtype))
     if kind == "zero":
-        values = w.new_zeros(len(frozen) if trained_dim == 0 else shape[0], len(frozen) if trained_dim else shape[1])
+        w = torch.zeros(shape, dtype=dtype, device=trainable.device)
     else:
-        rows, cols = (frozen, torch.arange(shape[1], device=w.device)) if trained_dim == 0 else \
-            (torch.arange(shape[0], device=w.device), frozen)
-        values = sample_at(seed, rows[:, None] * shape[1] + cols[None, :], kind, scale, dtype)
-    return w.index_copy_(trained_dim, frozen, values)
+        w = sample(seed, tuple(shape), kind, scale, dtype, trainable.device)
+    return w.index_copy_(trained_dim, trained, trainable.to(dtype))
 
 
 @torch.library.custom_op("seedrand::frozen_matmul", mutates_args=())

@@ -32,7 +32,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels import philox
-from ..kernels.init import sample_at
+from ..kernels.init import sample, sample_at
 from ..kernels.ops import frozen_matmul
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import install
@@ -83,6 +83,7 @@ class FrozenSlice(Regenerating):
         super().__init__()
         value = value.detach()
         self.dim, self.fixed, self.frozen_list = dim, fixed, tuple(frozen)
+        self.whole_shape = tuple(value.shape)
         self.frozen_shape = frozen_shape = tuple(len(frozen) if d == dim else s for d, s in enumerate(value.shape))
         self.register_buffer("frozen_index", torch.tensor(frozen, dtype=torch.int64), persistent=False)
         if fixed == "random":
@@ -95,6 +96,19 @@ class FrozenSlice(Regenerating):
         indices as a tensor, ``frozen_index`` by default."""
         index = self.frozen_index.to(device) if index is None else index
         return slice_counters(self.frozen_shape, self.counter_strides, self.dim, index)
+
+    def regenerate(self, name: str, dtype: torch.dtype = torch.float32,
+                   device: torch.device | str = "cpu") -> torch.Tensor:
+        """The frozen slice (see :class:`Regenerating`). On the CPU it is cut from the whole tensor, generated as one
+        counter range: several times the rate of gathering the slice's counters (``cpu_philox``), so faster even
+        when most of it is dropped."""
+        if torch.device(device).type != "cpu":
+            return super().regenerate(name, dtype, device)
+        stream = self.streams[name]
+        order = sorted(range(len(self.whole_shape)), key=lambda d: -self.counter_strides[d])  # stable: row-major
+        canonical = sample(stream.seed, tuple(self.whole_shape[d] for d in order), stream.kind, stream.scale, dtype)
+        whole = canonical.permute([order.index(d) for d in range(len(order))])
+        return whole.index_select(self.dim, self.frozen_index).contiguous()
 
     def forward(self, whole: torch.Tensor) -> torch.Tensor:
         """``whole`` (the tensor's shape) with its frozen slice replaced; the gradient reaches only the rest.
