@@ -169,6 +169,16 @@ def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
 
 
+@pytest.mark.parametrize("action,params,why", [("subspace", {"dim": 4}, "theta_d"),
+                                              ("filter_gates", {"lambda": 0.1}, "trainable gates")])
+def test_backend_refuses_actions_that_add_parameters(zoo_models, action, params, why):
+    model, inputs = zoo_models["cnn"]
+    torch._dynamo.reset()
+    policy = {"rules": [{"match": {"modules": ["conv1"]}, action: params}]}
+    with pytest.raises(Exception, match=f"cannot be applied by the torch.compile backend: .*{why}.*seedrand.rewrite"):
+        torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
+
+
 def test_backend_policy_errors_are_strict(zoo_models):
     model, inputs = zoo_models["cnn"]
     torch._dynamo.reset()
