@@ -193,15 +193,19 @@ def _frozen_backward(ctx, grad):
     the trained rows (columns) are computed."""
     x, trainable, source, trained = ctx.saved_tensors
     trained_dim, seed, scale, kind, transpose = ctx.args
-    grad_x = frozen_matmul(grad.contiguous(), trainable, source, trained, trained_dim, seed, scale, kind,
-                           not transpose)
-    a, b = (x, grad) if transpose else (grad, x)
-    a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
-    if trained_dim == 0:
-        a = a.index_select(1, trained)
-    else:
-        b = b.index_select(1, trained)
-    return grad_x, (a.T @ b).to(trainable.dtype), None, None, None, None, None, None, None
+    grad_x = grad_t = None
+    if ctx.needs_input_grad[0]:
+        grad_x = frozen_matmul(grad.contiguous(), trainable, source, trained, trained_dim, seed, scale, kind,
+                               not transpose)
+    if ctx.needs_input_grad[1]:
+        a, b = (x, grad) if transpose else (grad, x)
+        a, b = a.reshape(-1, a.shape[-1]), b.reshape(-1, b.shape[-1])
+        if trained_dim == 0:
+            a = a.index_select(1, trained)
+        else:
+            b = b.index_select(1, trained)
+        grad_t = (a.T @ b).to(trainable.dtype)
+    return grad_x, grad_t, None, None, None, None, None, None, None
 
 
 frozen_matmul.register_autograd(_frozen_backward, setup_context=_frozen_setup_context)
