@@ -8,10 +8,11 @@ names and classes come from each op's ``nn_module_stack``, parameters from Dynam
 actions with a captured-graph pass are accepted: ``freeze`` (parameters detached in the graph), ``freeze_fraction``
 (the frozen slice of each weight replaced in the graph by the values ``seedrand.rewrite`` gives it) and ``random`` on
 Linear/Conv layers (their ops become the regenerate ops, with the keys ``seedrand.rewrite`` uses). The graph then goes
-to Inductor (forward and backward through AOTAutograd), or with ``options={"inductor": False}`` runs through AOTAutograd with eager kernels (for
-debugging). seedrand's regenerate ops (``seedrand::regen_matmul``, ``seedrand::regen_conv``,
-``seedrand::subspace_project``) stay single opaque nodes that Inductor calls: on CUDA tensors they run their Triton
-kernels (weight tiles generated in registers), on the CPU the numba Philox path.
+to Inductor (forward and backward through AOTAutograd), or with ``options={"inductor": False}`` runs through
+AOTAutograd with eager kernels (for debugging). seedrand's regenerate ops (``seedrand::regen_matmul``,
+``seedrand::frozen_matmul``, ``seedrand::regen_conv``, ``seedrand::subspace_project``) stay single opaque nodes
+that Inductor calls: on CUDA tensors they run their Triton kernels (weight tiles generated in registers), on the CPU
+the numba Philox path.
 """
 
 from __future__ import annotations

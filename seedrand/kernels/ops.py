@@ -16,7 +16,8 @@ import torch
 
 from .init import sample
 
-__all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_weight", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
+__all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_weight", "regen_conv",
+           "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
 # 4 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
 # few rows that run below peak (training step of a 4096 x 4096 layer at batch 256, benchmarks/regen_matmul.py: 1.41x
@@ -124,7 +125,11 @@ def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.
     the ``trained`` rows (columns) from ``trainable``, the others regenerated at their row-major counters of the
     whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``), in ``dtype``. The whole weight is
     generated and the trained part overwritten: on the CPU a counter range runs at several times the rate of
-    gathered counters (``cpu_philox``), so this is faster than generating the frozen part alone."""
+    gathered counters (``cpu_philox``), so this is faster than generating the frozen part alone. Arguments as
+    :func:`frozen_matmul`; returns a new tensor on ``trainable``'s device (paper 002, section 3).
+
+    Raises:
+        ValueError: ``kind`` is not ``"uniform"``, ``"normal"`` or ``"zero"`` (from ``init.sample``)."""
     shape = list(trainable.shape)
     shape[trained_dim] = source.shape[0]
     if kind == "zero":

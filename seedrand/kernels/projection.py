@@ -73,7 +73,8 @@ def subspace_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str
     """``P @ x`` (``x``: ``(cols,)`` -> ``(rows,)``) or, with ``transpose``, ``P.T @ x`` (``(rows,)`` -> ``(cols,)``)
     for the ``rows x cols`` projection ``kind`` (``gaussian``, ``orthogonal``, ``sparse``, ``very_sparse``) of
     Philox key ``seed`` (see the module docstring). Computed in float32; returns ``x``'s dtype. On CUDA the
-    Triton kernel generates tiles of ``P`` in registers (``orthogonal``: QR blocks made on the CPU and moved). ``density`` is used by ``very_sparse`` only.
+    Triton kernel generates tiles of ``P`` in registers (``orthogonal``: QR blocks made on the CPU and moved).
+    ``density`` is used by ``very_sparse`` only.
 
     Raises:
         ValueError: ``x`` has the wrong length, or ``orthogonal`` with ``rows < cols``.

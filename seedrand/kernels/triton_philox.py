@@ -40,8 +40,9 @@ def stream_element(seed, offsets, KIND: tl.constexpr):
 
 @triton.jit
 def stream_blocks(seed, blocks, KIND: tl.constexpr):
-    """The four elements ``4 * blocks + 0..3`` of the stream (``KIND`` as :func:`stream_element`), as four
-    tensors of ``blocks``' shape: one ``tl.randint4x`` per four elements, a quarter of :func:`stream_element`'s
+    """The four elements ``4 * blocks + 0..3`` (``blocks``: int64 Philox counters) of the stream, as four tensors
+    of ``blocks``' shape: uint32 words (``KIND`` 0), uniform float32 (1) or standard normal float32 (2), exactly as
+    :func:`stream_element` gives them; one ``tl.randint4x`` per four elements, a quarter of :func:`stream_element`'s
     rounds, where a tile's elements come in aligned groups of four consecutive counters (interleave them with
     :func:`interleave`)."""
     a, b, c, d = tl.randint4x(seed, blocks)

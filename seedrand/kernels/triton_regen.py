@@ -120,7 +120,8 @@ def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, strid
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                   (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]]
-_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "TRANSPOSE", "TRAINED_DIM"])(_regen_matmul_kernel)
+_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DIST", "TRANSPOSE", "ALIGNED",
+                                                             "TRAINED_DIM"])(_regen_matmul_kernel)
 
 
 @triton.jit
@@ -143,11 +144,10 @@ def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: 
             lo: float = 0.0, hi: float = 0.0, trainable: Optional[torch.Tensor] = None,
             source: Optional[torch.Tensor] = None, trained_dim: int = -1) -> torch.Tensor:
     """Launch the kernel on ``x`` ``(..., k)`` -> ``(..., n)`` (checks as :func:`triton_regen_matmul`)."""
-    name = "triton_regen_matmul"
     if x.shape[-1] != k:
-        raise ValueError(f"{name}: x has last dimension {x.shape[-1]}, the weight needs {k}")
+        raise ValueError(f"triton_regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
     if x.dtype not in _TL_DTYPES:
-        raise ValueError(f"{name}: dtype {x.dtype} is not float32, float16 or bfloat16")
+        raise ValueError(f"triton_regen_matmul: dtype {x.dtype} is not float32, float16 or bfloat16")
     x2 = x.reshape(-1, k)
     y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
     t = x2 if trainable is None else trainable
@@ -192,9 +192,11 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
 
 def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained_dim: int,
                          seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
-    """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch: the trainable rows (``trained_dim``
-    0) or columns (1) of ``W`` are loaded from ``trainable``, the frozen ones generated in registers at their
-    counters ``o * in_features + i`` of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``).
+    """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch (paper 002, section 3: a fraction of
+    the filters fixed at their random init or zero): the trainable rows (``trained_dim`` 0) or columns (1) of ``W``
+    are loaded from ``trainable``, the frozen ones generated in registers at their counters ``o * in_features + i``
+    of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``). The torch reference is
+    :func:`seedrand.kernels.ops.frozen_weight`.
 
     Args:
         x: as :func:`triton_regen_matmul`.
@@ -222,8 +224,9 @@ def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch
 def triton_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, density: float,
                    transpose: bool) -> torch.Tensor:
     """``P @ x`` (``P.T @ x`` with ``transpose``) for the ``rows x cols`` projection ``kind`` of
-    :mod:`seedrand.kernels.projection` (``gaussian``, ``sparse``, ``very_sparse``), its tiles generated in registers:
-    ``P`` is never written to memory.
+    :mod:`seedrand.kernels.projection` (``gaussian``, ``sparse``, ``very_sparse``; Li et al. 2018, Achlioptas 2003,
+    Li, Hastie & Church 2006), its tiles generated in registers: ``P`` is never written to memory. Entries equal the
+    torch reference's within float32 rounding (its ``1 / sqrt(D)`` scales divide, these multiply).
 
     Args:
         x: ``(cols,)`` (``(rows,)``), float32; CUDA, or CPU under ``TRITON_INTERPRET=1``.
@@ -261,7 +264,7 @@ def triton_regen_weight(seed: int, shape: tuple[int, ...], scale: float, normal:
     """
     out = torch.empty(shape, dtype=dtype, device=device)
     n = out.numel()
-    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, DIST=_DISTS["normal" if normal else "uniform"],
-                                           ALIGNED=start % 4 == 0, BLOCK=block,
-                                           **_options())
+    dist = _DISTS["normal" if normal else "uniform"]
+    _fill_kernel[(triton.cdiv(n, block),)](out, n, start, seed, scale, DIST=dist, ALIGNED=start % 4 == 0,
+                                           BLOCK=block, **_options())
     return out

@@ -41,7 +41,8 @@ from .layout import (layout, layout_of, row_major_strides, slice_counters, store
                      weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["FrozenSlice", "FrozenFraction", "FrozenFractionLinear", "freeze_fraction", "freeze_fraction_captured", "frozen_indices"]
+__all__ = ["FrozenSlice", "FrozenFraction", "FrozenFractionLinear", "freeze_fraction", "freeze_fraction_captured",
+           "frozen_indices"]
 
 
 def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]:
@@ -143,7 +144,7 @@ class FrozenFraction(FrozenSlice):
                  stream: Optional[Stream] = None, counter_strides: Optional[tuple[int, ...]] = None):
         super().__init__(value, dim, frozen, fixed, stream, counter_strides)
         n, value = value.shape[dim], value.detach()
-        trainable = [i for i in range(n) if i not in set(frozen)]
+        self.trained_list = trainable = [i for i in range(n) if i not in set(frozen)]
         self.trainable = nn.Parameter(_take(value, dim, trainable))
         if fixed == "keep":
             self.register_buffer("frozen", _take(value, dim, frozen))
@@ -175,14 +176,15 @@ class FrozenFractionLinear(nn.Module):
     (``fixed: random`` and ``zero``; ``keep`` and ONNX export assemble it). The submodules ``weight`` and ``bias`` (a
     :class:`FrozenFraction`, the original ``Parameter`` or ``None``) keep the state-dict keys of the inlined form.
 
-    Input ``(..., in_features)``, a float dtype; output ``(..., out_features)``, same dtype.
+    Paper 002, section 3 (fractional layers). Input ``(..., in_features)``, a float dtype; output
+    ``(..., out_features)``, same dtype. Raises ``ValueError`` (from the op) when the input's width does not fit.
     """
 
     def __init__(self, weight: FrozenFraction, bias: FrozenFraction | nn.Parameter | None):
         super().__init__()
         self.weight, self.bias = weight, bias
-        n = weight.trainable.shape[weight.dim] + len(weight.frozen_list)
-        trained = torch.tensor([i for i in range(n) if i not in set(weight.frozen_list)], dtype=torch.int64)
+        trained = torch.tensor(weight.trained_list, dtype=torch.int64)
+        n = len(weight.trained_list) + len(weight.frozen_list)
         source = torch.full((n,), -1, dtype=torch.int64)
         source[trained] = torch.arange(len(trained))
         self.register_buffer("source", source, persistent=False)
