@@ -23,6 +23,7 @@ import torch.nn as nn
 import seedrand
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import DEFAULT_CHUNK_BYTES, frozen_matmul, regen_matmul
+from seedrand.passes.regenerated import Regenerating
 
 
 def cuda_table() -> None:
@@ -61,18 +62,28 @@ def step_ms(models: list[nn.Module], x: torch.Tensor, rounds: int = 8) -> list[f
     return [1e3 * statistics.median(t[1:]) for t in times]
 
 
+def best_ms(fn, repeats: int = 5) -> float:
+    """The shortest of ``repeats`` timed calls of ``fn`` (ms), after one untimed call (kernel compilation/loading)."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1e3 * min(times)
+
+
 def cpu_figures() -> None:
     # 16 M values in the blocks regen_matmul uses, each freed before the next as there (a fresh 64 MiB buffer would
-    # mostly time page faults); the first call compiles / loads the kernels
+    # mostly time page faults)
     n, chunk = 1 << 24, DEFAULT_CHUNK_BYTES // 4
-    sample(0, (1,), "uniform", 1.0)
-    best = float("inf")
-    for _ in range(5):
-        start = time.perf_counter()
+
+    def blocks():
         for offset in range(0, n, chunk):
             sample(3, (chunk,), "uniform", 0.1, start=offset)
-        best = min(best, time.perf_counter() - start)
-    print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks): {n / best / 1e9:.3f} "
+
+    best = best_ms(blocks)
+    print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks): {n / best / 1e6:.3f} "
           f"G values/s, {torch.get_num_threads()} threads")
     x = torch.randn(256, 4096, requires_grad=True)
     layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
@@ -84,6 +95,11 @@ def cpu_figures() -> None:
     print(f"training step, 4096 x 4096 layer, batch 256: stored {s:.1f} ms, regenerated {r:.1f} ms, "
           f"ratio {r / s:.2f}x (target 1.3x); freeze_fraction 0.9 (frozen rows regenerated, 10% trained) "
           f"{f:.1f} ms, {f / s:.2f}x")
+    frozen = fraction.get_submodule("0").weight
+    ranged = best_ms(lambda: frozen.regenerate("frozen"))
+    gathered = best_ms(lambda: Regenerating.regenerate(frozen, "frozen"))
+    print(f"its frozen slice (90% of 4096 x 4096), best of 5: cut from one counter range {ranged:.1f} ms, from "
+          f"its gathered counters {gathered:.1f} ms")
 
 
 def main() -> None:

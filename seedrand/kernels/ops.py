@@ -124,8 +124,8 @@ def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.
     """The whole ``(out_features, in_features)`` weight of :func:`frozen_matmul`, assembled (its torch reference):
     the ``trained`` rows (columns) from ``trainable``, the others regenerated at their row-major counters of the
     whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``), in ``dtype``. The whole weight is
-    generated and the trained part overwritten: on the CPU a counter range runs at several times the rate of
-    gathered counters (``cpu_philox``), so this is faster than generating the frozen part alone. Arguments as
+    generated and the trained part overwritten: on the CPU one counter range (``cpu_philox``'s block path) beats
+    gathering the frozen part's counters (``benchmarks/regen_matmul.py``). Arguments as
     :func:`frozen_matmul`; returns a new tensor on ``trainable``'s device (paper 002, section 3).
 
     Raises:
