@@ -14,6 +14,8 @@ on these uniforms, so ``randn`` is bit-identical to the reference too.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 from numba import njit, prange
@@ -24,6 +26,9 @@ _A = np.uint64(0xD2511F53)
 _B = np.uint64(0xCD9E8D57)
 _M = np.uint64(0xFFFFFFFF)
 _S = np.uint64(32)
+# Triton's uint32 -> [0, 1) factor (as float32, the float just below 2**-31): the folded int32 word times it is
+# Triton's uniform
+_TO_UNIT = 4.6566127342e-10
 # blocks (counters) per task: large enough to amortize scheduling, small enough that the 16 KiB planar scratch of
 # _uniform_blocks stays in L1 and a 1 MiB request still splits over both threads
 _CHUNK = 1024
@@ -64,21 +69,17 @@ def _word(offset, k):
 
 
 @njit(inline="always")
-def _to_uniform(word):
-    """Triton's uint32 -> [0, 1) map: the word as int32, negatives ``x`` to ``~x``, times 2**-31 (float32)."""
+def _affine(word, step, add, scale):
+    """``(mul * u + add) * scale`` in float32, ``u`` Triton's uint32 -> [0, 1) map of ``word`` (the word as int32,
+    negatives ``x`` to ``~x``, times ``_TO_UNIT``), given ``step = mul * _TO_UNIT``: scaling by a power of two
+    ``mul`` commutes with rounding, so one multiply gives ``mul * u`` and the result equals the torch expression
+    rounding for rounding: ``u`` for (1, 0, 1), ``(2 * u - 1) * scale`` of ``init.sample_at`` for (2, -1, scale)."""
     folded = word ^ ((word >> np.uint64(31)) * _M)
-    return np.float32(np.int32(folded)) * np.float32(4.6566127342e-10)
-
-
-@njit(inline="always")
-def _affine(word, mul, add, scale):
-    """``(mul * u + add) * scale`` in float32 with three roundings: ``u`` for (1, 0, 1), the torch expression
-    ``(2 * u - 1) * scale`` of ``init.sample_at`` for (2, -1, scale)."""
-    return (mul * _to_uniform(word) + add) * scale
+    return (np.float32(np.int32(folded)) * step + add) * scale
 
 
 @njit(parallel=True, cache=True)
-def _uniform_blocks(keys, first, out, mul, add, scale):
+def _uniform_blocks(keys, first, out, step, add, scale):
     """All four words of blocks ``first, first + 1, ...`` into ``out`` (``4 * blocks`` float32, interleaved).
 
     Each task writes its blocks' words to a planar scratch first (one contiguous stream per word, which LLVM
@@ -91,10 +92,10 @@ def _uniform_blocks(keys, first, out, mul, add, scale):
         planar = np.empty((4, _CHUNK), np.float32)
         for j in range(lo, hi):
             c0, c1, c2, c3 = _block(np.uint64(first + j), keys)
-            planar[0, j - lo] = _affine(c0, mul, add, scale)
-            planar[1, j - lo] = _affine(c1, mul, add, scale)
-            planar[2, j - lo] = _affine(c2, mul, add, scale)
-            planar[3, j - lo] = _affine(c3, mul, add, scale)
+            planar[0, j - lo] = _affine(c0, step, add, scale)
+            planar[1, j - lo] = _affine(c1, step, add, scale)
+            planar[2, j - lo] = _affine(c2, step, add, scale)
+            planar[3, j - lo] = _affine(c3, step, add, scale)
         bits = planar.view(np.uint32)
         for j in range(lo, hi):
             out64[2 * j] = np.uint64(bits[0, j - lo]) | (np.uint64(bits[1, j - lo]) << _S)
@@ -102,11 +103,11 @@ def _uniform_blocks(keys, first, out, mul, add, scale):
 
 
 @njit(parallel=True, cache=True)
-def _uniform_at(keys, offsets, out, mul, add, scale):
+def _uniform_at(keys, offsets, out, step, add, scale):
     n = out.shape[0]
     for task in prange((n + _CHUNK - 1) // _CHUNK):
         for i in range(task * _CHUNK, min(n, (task + 1) * _CHUNK)):
-            out[i] = _affine(_word(np.uint64(offsets[i]), keys), mul, add, scale)
+            out[i] = _affine(_word(np.uint64(offsets[i]), keys), step, add, scale)
 
 
 @njit(parallel=True, cache=True)
@@ -122,10 +123,14 @@ def _randint_at(keys, offsets, out):
         out[i] = np.int64(_word(np.uint64(offsets[i]), keys))
 
 
+@functools.lru_cache(maxsize=256)
 def _round_keys(key64: int) -> np.ndarray:
+    """The 20 round keys of ``key64`` (uint32, read-only; cached: a layer asks for the same key block after block)."""
     k0, k1 = key64 & 0xFFFFFFFF, key64 >> 32
-    return np.array([(k0 + r * 0x9E3779B9) & 0xFFFFFFFF for r in range(10)] +
+    keys = np.array([(k0 + r * 0x9E3779B9) & 0xFFFFFFFF for r in range(10)] +
                     [(k1 + r * 0xBB67AE85) & 0xFFFFFFFF for r in range(10)], dtype=np.uint32)
+    keys.flags.writeable = False
+    return keys
 
 
 def usable(offsets: torch.Tensor | range) -> bool:
@@ -163,13 +168,13 @@ def symmetric_uniform(key64: int, offsets: torch.Tensor | range, scale: float) -
     in one pass. ``key64``: the Philox key in ``[0, 2**64)``; ``offsets``: an int64 CPU tensor (any shape) or a
     ``range`` of consecutive elements (step 1, from ``>= 0``; four times faster: one block gives four elements).
     Returns float32 shaped like ``offsets`` (1-D for a range)."""
-    params = np.float32(2.0), np.float32(-1.0), np.float32(scale)
+    params = np.float32(2 * _TO_UNIT), np.float32(-1.0), np.float32(scale)
     return _fill(key64, offsets, np.float32, _uniform_blocks, _uniform_at, *params)
 
 
 def rand(key64: int, offsets: torch.Tensor | range) -> torch.Tensor:
     """Triton's uniform float32 of each element's word (``philox.rand``); arguments as :func:`symmetric_uniform`."""
-    params = np.float32(1.0), np.float32(0.0), np.float32(1.0)
+    params = np.float32(_TO_UNIT), np.float32(0.0), np.float32(1.0)
     return _fill(key64, offsets, np.float32, _uniform_blocks, _uniform_at, *params)
 
 
