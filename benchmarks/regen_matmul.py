@@ -6,7 +6,8 @@ against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 25
 (bytes moved: x, y and, for the stored weight, W) and the time ratio; and ``seedrand::frozen_matmul`` for a
 ``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
 
-CPU (always): regeneration throughput of the numba Philox (G values/s) and one training step (forward, backward,
+CPU (always): regeneration throughput of the numba Philox (G values/s; beside it, its rounds alone, the ceiling of
+a bit-exact generator on the machine) and one training step (forward, backward,
 no weight gradient) of a 4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen, and
 the same layer with ``freeze_fraction`` 0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
 
@@ -17,10 +18,13 @@ import argparse
 import statistics
 import time
 
+import numpy as np
 import torch
 import torch.nn as nn
+from numba import njit, prange
 
 import seedrand
+from seedrand.kernels import cpu_philox
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import DEFAULT_CHUNK_BYTES, frozen_matmul, regen_matmul
 from seedrand.passes.regenerated import Regenerating
@@ -73,6 +77,21 @@ def best_ms(fn, repeats: int = 5) -> float:
     return 1e3 * min(times)
 
 
+@njit(parallel=True, cache=True)
+def _rounds_only(keys, blocks):
+    """The Philox rounds of ``blocks`` blocks, their words folded into one checksum per task: no conversion, no
+    stores, so the time is the ceiling of any bit-exact generator on this machine."""
+    tasks = (blocks + 1023) // 1024
+    sums = np.zeros(tasks, np.uint64)
+    for task in prange(tasks):
+        acc = np.uint64(0)
+        for j in range(task * 1024, min(blocks, (task + 1) * 1024)):
+            c0, c1, c2, c3 = cpu_philox._block(np.uint64(j), keys)
+            acc ^= c0 ^ c1 ^ c2 ^ c3
+        sums[task] = acc
+    return sums
+
+
 def cpu_figures() -> None:
     # 16 M values in the blocks regen_matmul uses, each freed before the next as there (a fresh 64 MiB buffer would
     # mostly time page faults)
@@ -83,8 +102,10 @@ def cpu_figures() -> None:
             sample(3, (chunk,), "uniform", 0.1, start=offset)
 
     best = best_ms(blocks)
+    rounds = best_ms(lambda: _rounds_only(cpu_philox._round_keys(3), n // 4))
     print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks): {n / best / 1e6:.3f} "
-          f"G values/s, {torch.get_num_threads()} threads")
+          f"G values/s, {torch.get_num_threads()} threads; the Philox rounds alone (no conversion, no stores): "
+          f"{n / rounds / 1e6:.3f} G values/s")
     x = torch.randn(256, 4096, requires_grad=True)
     layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
     stored = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
