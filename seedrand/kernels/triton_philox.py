@@ -26,15 +26,17 @@ def stream_element(seed, offsets, KIND: tl.constexpr):
     element computes its whole block, so the cost equals ``tl.rand``'s; the CPU path shares a block among four."""
     a, b, c, d = tl.randint4x(seed, offsets >> 2)
     word = offsets & 3
+    # one return: the compiler (unlike the interpreter) types every return statement, taken or not
     if KIND == 2:
         first = word < 2
         u = tl.uint_to_uniform_float(tl.where(first, a, c))
         v = tl.uint_to_uniform_float(tl.where(first, b, d))
         normal_cos, normal_sin = tl.pair_uniform_to_normal(u, v)
-        return tl.where((word & 1) == 0, normal_cos, normal_sin)
-    value = tl.where(word == 0, a, tl.where(word == 1, b, tl.where(word == 2, c, d)))
-    if KIND == 1:
-        value = tl.uint_to_uniform_float(value)
+        value = tl.where((word & 1) == 0, normal_cos, normal_sin)
+    else:
+        value = tl.where(word == 0, a, tl.where(word == 1, b, tl.where(word == 2, c, d)))
+        if KIND == 1:
+            value = tl.uint_to_uniform_float(value)
     return value
 
 
