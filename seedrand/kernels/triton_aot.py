@@ -92,8 +92,7 @@ def variants() -> list[Variant]:
 
 
 def compile_variant(variant: Variant, arch: int) -> str | None:
-    """Compile ``variant`` for ``sm_<arch>`` down to a cubin; the compiler's error (its chain of causes, last
-    lines) or ``None``.
+    """Compile ``variant`` for ``sm_<arch>`` down to a cubin; the compiler's error (its root cause) or ``None``.
 
     Raises:
         RuntimeError: ``TRITON_INTERPRET=1`` is set (kernels are then Python functions, not compilable).
@@ -112,11 +111,9 @@ def compile_variant(variant: Variant, arch: int) -> str | None:
         triton.compile(ASTSource(fn, variant.signature, variant.constexprs), target=GPUTarget("cuda", arch, 32),
                        options=options)
     except Exception as error:  # noqa: BLE001 - any compiler failure is the finding
-        causes = []
-        while error is not None:
-            causes.append(f"{type(error).__name__}: {str(error).strip().splitlines()[-1]}")
+        while error.__cause__ or error.__context__:  # the root cause: outer CompilationErrors only point at calls
             error = error.__cause__ or error.__context__
-        return " <- ".join(causes)
+        return f"{type(error).__name__}: {str(error).strip()[:500]}"
     return None
 
 
