@@ -23,7 +23,7 @@ import sys
 from concurrent.futures import ProcessPoolExecutor
 from typing import NamedTuple
 
-__all__ = ["Variant", "variants", "compile_variant", "main"]
+__all__ = ["Variant", "variants", "build", "compile_variant", "main"]
 
 _FLOATS = ("fp32", "fp16", "bf16")
 # the launchers' scalar arguments: Triton types a Python int as i32, i64 or u64 by its value (a Philox key spans
@@ -53,8 +53,9 @@ def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: 
     signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "t_ptr": f"*{trainable or dtype}",
                  "src_ptr": "*i64" if frozen else f"*{dtype}", **dict.fromkeys(_MATMUL_SCALARS, "i32"),
                  "seed": seed, "scale": "fp32", "lo": "fp32", "hi": "fp32", **dict.fromkeys(flags, "constexpr")}
-    name = (f"matmul {dtype} DIST={dist} TRANSPOSE={transpose:d} ALIGNED={aligned:d} TRAINED_DIM={trained_dim} "
-            f"seed {seed} trainable {trainable or dtype} blocks {m}x{n}x{k} warps {warps} stages {stages}")
+    name = (f"matmul {dtype} DIST={dist} TRANSPOSE={transpose:d} ALIGNED={aligned:d} TRAINED_DIM={trained_dim}"
+            + (f" trainable {trainable}" if trainable else "") + (f" seed {seed}" if seed != "i64" else "")
+            + f" blocks {m}x{n}x{k} warps {warps} stages {stages}")
     return Variant(name, "seedrand.kernels.triton_regen", "_regen_matmul_kernel", signature, flags, warps, stages)
 
 
@@ -91,11 +92,18 @@ def variants() -> list[Variant]:
     return out
 
 
-def compile_variant(variant: Variant, arch: int) -> str | None:
-    """Compile ``variant`` for ``sm_<arch>`` down to a cubin; the compiler's error (its root cause) or ``None``.
+def _require_compiler() -> None:
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        raise RuntimeError("compiling Triton kernels needs the interpreter off: unset TRITON_INTERPRET")
+
+
+def build(variant: Variant, arch: int):
+    """Compile ``variant`` for ``sm_<arch>`` down to a cubin: Triton's ``CompiledKernel`` (``asm``: the ``ttir``,
+    ``ttgir``, ``llir``, ``ptx`` and ``cubin`` texts and bytes; ``metadata.shared``: bytes of shared memory).
 
     Raises:
         RuntimeError: ``TRITON_INTERPRET=1`` is set (kernels are then Python functions, not compilable).
+        triton.CompilationError and others: what the compiler raises.
     """
     import importlib
 
@@ -103,13 +111,22 @@ def compile_variant(variant: Variant, arch: int) -> str | None:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        raise RuntimeError("compiling Triton kernels needs the interpreter off: unset TRITON_INTERPRET")
+    _require_compiler()
     fn = getattr(importlib.import_module(variant.module), variant.kernel)
     options = {"num_warps": variant.num_warps, "num_stages": variant.num_stages, "enable_fp_fusion": False}
+    return triton.compile(ASTSource(fn, variant.signature, variant.constexprs), target=GPUTarget("cuda", arch, 32),
+                          options=options)
+
+
+def compile_variant(variant: Variant, arch: int) -> str | None:
+    """:func:`build` ``variant``; the compiler's error (its root cause) or ``None``.
+
+    Raises:
+        RuntimeError: ``TRITON_INTERPRET=1`` is set.
+    """
+    _require_compiler()
     try:
-        triton.compile(ASTSource(fn, variant.signature, variant.constexprs), target=GPUTarget("cuda", arch, 32),
-                       options=options)
+        build(variant, arch)
     except Exception as error:  # noqa: BLE001 - any compiler failure is the finding
         while error.__cause__ or error.__context__:  # the root cause: outer CompilationErrors only point at calls
             error = error.__cause__ or error.__context__
