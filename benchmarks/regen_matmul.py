@@ -7,9 +7,9 @@ against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 25
 ``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
 
 CPU (always): regeneration throughput of the numba Philox (G values/s; beside it, its rounds alone, the ceiling of
-a bit-exact generator on the machine) and one training step (forward, backward,
-no weight gradient) of a 4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen, and
-the same layer with ``freeze_fraction`` 0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
+a bit-exact generator on the machine) and one training step (forward, backward, no weight gradient) of a
+4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen, and the same layer with
+``freeze_fraction`` 0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
 
 Run: python benchmarks/regen_matmul.py [--cpu-only]
 """
@@ -81,11 +81,12 @@ def best_ms(fn, repeats: int = 5) -> float:
 def _rounds_only(keys, blocks):
     """The Philox rounds of ``blocks`` blocks, their words folded into one checksum per task: no conversion, no
     stores, so the time is the ceiling of any bit-exact generator on this machine."""
-    tasks = (blocks + 1023) // 1024
+    chunk = cpu_philox._CHUNK  # the tasks of the real kernel
+    tasks = (blocks + chunk - 1) // chunk
     sums = np.zeros(tasks, np.uint64)
     for task in prange(tasks):
         acc = np.uint64(0)
-        for j in range(task * 1024, min(blocks, (task + 1) * 1024)):
+        for j in range(task * chunk, min(blocks, (task + 1) * chunk)):
             c0, c1, c2, c3 = cpu_philox._block(np.uint64(j), keys)
             acc ^= c0 ^ c1 ^ c2 ^ c3
         sums[task] = acc
