@@ -4,8 +4,9 @@
 
 The reference spends most of its time allocating int64 temporaries (about 6 M values/s on 2 cores); here each
 thread runs the ten rounds in registers on chunks of counters, 32x32-bit products as 64-bit multiplies of
-zero-extended words (which LLVM vectorizes with ``vpmuludq``), and writes only the result. A range of consecutive
-elements costs one block per four elements; arbitrary offsets one block each. Box-Muller for normals stays in torch
+zero-extended words (``vpmuludq`` on AVX2), and writes only the result. A range of consecutive elements costs one
+block per four elements (uniforms: sixteen blocks at a time in LLVM vector IR, converted and transposed to stream
+order in registers); arbitrary offsets one block each. Box-Muller for normals stays in torch
 on these uniforms, so ``randn`` is bit-identical to the reference too.
 
 :func:`usable` says when this path applies: CPU tensors of plain type (not fake or functional tensors) outside
@@ -31,8 +32,8 @@ _S = np.uint64(32)
 # Triton's uint32 -> [0, 1) factor (as float32, the float just below 2**-31): the folded int32 word times it is
 # Triton's uniform
 _TO_UNIT = 4.6566127342e-10
-# blocks (counters) per task: large enough to amortize scheduling, small enough that the 16 KiB planar scratch of
-# _uniform_blocks stays in L1 and a 1 MiB request still splits over both threads
+# blocks (counters) per task: large enough to amortize scheduling, small enough that a 1 MiB request still splits
+# over both threads
 _CHUNK = 1024
 
 
@@ -80,71 +81,105 @@ def _affine(word, step, add, scale):
     return (np.float32(np.int32(folded)) * step + add) * scale
 
 
-def _shuffle(builder, x, y, mask):
-    return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(ir.IntType(32), 8), mask))
+# blocks per vector of the IR kernel (two AVX2 registers of 64-bit lanes per word) and per call: two independent
+# vectors hide the multiplies' latency (measured: 1.24 G values/s on one thread vs 1.21 with one)
+_LANES = 8
+_GROUP = 2 * _LANES
+
+
+def _splat(builder, value, lanes: int = _LANES):
+    vector = ir.VectorType(value.type, lanes)
+    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32),
+                                                                                                     lanes), [0] * lanes))
+
+
+def _rounds_ir(builder, counters, keys):
+    """IR of :func:`_block` on a ``<_LANES x i64>`` vector of counters: the words come back in the low halves of the
+    lanes (the high halves hold bits the next multiply and the final truncation ignore, so no mask is spent on
+    them); ``keys``: the 20 round keys, zero-extended and splatted."""
+    vector = counters.type
+    low, shift = ir.Constant(vector, 0xFFFFFFFF), ir.Constant(vector, 32)
+    c0, c1, c2, c3 = builder.and_(counters, low), builder.lshr(counters, shift), vector(0), vector(0)
+    for r in range(10):
+        p0 = builder.mul(builder.and_(c0, low), ir.Constant(vector, int(_A)))
+        p1 = builder.mul(builder.and_(c2, low), ir.Constant(vector, int(_B)))
+        # the key is folded in first, off the multiply's critical path
+        c0, c1, c2, c3 = (builder.xor(builder.lshr(p1, shift), builder.xor(c1, keys[r])), p1,
+                          builder.xor(builder.lshr(p0, shift), builder.xor(c3, keys[10 + r])), p0)
+    return c0, c1, c2, c3
+
+
+def _affine_ir(builder, words, step, add, scale):
+    """IR of :func:`_affine` on the low halves of ``words`` (``<_LANES x i64>``), folded as int32 (``x ^ (x >> 31)``
+    turns a negative ``x`` into ``~x``) -> ``<_LANES x float>``; ``step``, ``add``, ``scale`` splatted."""
+    as_int32 = builder.trunc(words, ir.VectorType(ir.IntType(32), _LANES))
+    folded = builder.xor(as_int32, builder.ashr(as_int32, ir.Constant(as_int32.type, 31)))
+    unit = builder.sitofp(folded, ir.VectorType(ir.FloatType(), _LANES))
+    return builder.fmul(builder.fadd(builder.fmul(unit, step), add), scale)
+
+
+def _transpose_ir(builder, rows):
+    """The 32 words of eight blocks block after block, as four ``<8 x float>``, from four rows (one per word): a 4x4
+    transpose of 32-bit lanes, twelve shuffles (``vunpck*ps``/``vunpck*pd``/``vperm2f128`` on AVX2). Interleaved
+    stores straight from numba's loops stay scalar and cost a quarter of the kernel."""
+    def shuffle(x, y, mask):
+        return builder.shuffle_vector(x, y, ir.Constant(ir.VectorType(ir.IntType(32), 8), mask))
+
+    # pairs of words (0, 1) and (2, 3) interleaved within each 128-bit lane, then pairs of pairs: block b | b + 4
+    low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
+    w01, w01h, w23, w23h = (shuffle(rows[a], rows[a + 1], m) for a in (0, 2) for m in (low, high))
+    low, high = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
+    b04, b15, b26, b37 = (shuffle(x, y, m) for x, y in ((w01, w23), (w01h, w23h)) for m in (low, high))
+    low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
+    return [shuffle(x, y, m) for m in (low, high) for x, y in ((b04, b15), (b26, b37))]
 
 
 @intrinsic
-def _store_interleaved(typingctx, planar, column, out, start):
-    """``out[start : start + 32] = planar[:, column : column + 8].T.ravel()``: eight blocks' words, block after block,
-    from ``planar`` (float32, C-contiguous ``(4, columns)``, one row per word) into float32 ``out``, unchecked.
-
-    A 4x4 transpose of 32-bit lanes as LLVM shuffles (``vunpcklps``/``vunpckhps``, ``vunpcklpd``/``vunpckhpd``,
-    ``vperm2f128`` on AVX2: twelve shuffles per 32 values), which numba's vectorizer does not find for the plain loop:
-    that loop stays scalar and costs a quarter of the kernel."""
-    if (planar != types.Array(types.float32, 2, "C") or out != types.Array(types.float32, 1, "C")
-            or not isinstance(column, types.Integer) or not isinstance(start, types.Integer)):
+def _uniform_group(typingctx, keys, counter, step, add, scale, out, start):
+    """``out[start : start + 4 * _GROUP]`` = :func:`_affine` of the words of the ``_GROUP`` blocks from ``counter``
+    (uint64), block after block, unchecked: :func:`_block` written as LLVM vector IR, since numba's vectorizer
+    leaves the words in four planar streams and their interleaving scalar. Arguments as :func:`_uniform_blocks`'s;
+    ``start``: an element index of float32 ``out``."""
+    if (not isinstance(keys, types.Array) or keys.dtype != types.uint32 or counter != types.uint64
+            or out != types.Array(types.float32, 1, "C") or not isinstance(start, types.Integer)
+            or any(v != types.float32 for v in (step, add, scale))):
         return None
-    vector = ir.VectorType(ir.FloatType(), 8)
 
     def codegen(context, builder, sig, args):
-        planar_value, column, out_value, start = args
-        column, start = (context.cast(builder, v, t, types.intp) for v, t in zip((column, start), sig.args[1::2]))
-        rows = context.make_array(sig.args[0])(context, builder, planar_value)
-        columns = builder.extract_value(rows.shape, 1)
-        out_data = context.make_array(sig.args[2])(context, builder, out_value).data
-
-        def at(data, index):
-            return builder.bitcast(builder.gep(data, [index]), vector.as_pointer())
-
-        w = [builder.load(at(rows.data, builder.add(builder.mul(columns, columns.type(k)), column)), align=4)
-             for k in range(4)]
-        # pairs of words (0, 1) and (2, 3) interleaved within each 128-bit lane, then pairs of pairs: block b | b + 4
-        low, high = [0, 8, 1, 9, 4, 12, 5, 13], [2, 10, 3, 11, 6, 14, 7, 15]
-        w01, w01h, w23, w23h = (_shuffle(builder, w[a], w[a + 1], m) for a in (0, 2) for m in (low, high))
-        low, high = [0, 1, 8, 9, 4, 5, 12, 13], [2, 3, 10, 11, 6, 7, 14, 15]
-        b04, b15, b26, b37 = (_shuffle(builder, x, y, m) for x, y in ((w01, w23), (w01h, w23h)) for m in (low, high))
-        low, high = [0, 1, 2, 3, 8, 9, 10, 11], [4, 5, 6, 7, 12, 13, 14, 15]
-        blocks = (_shuffle(builder, x, y, m) for m in (low, high) for x, y in ((b04, b15), (b26, b37)))
-        for k, value in enumerate(blocks):
-            builder.store(value, at(out_data, builder.add(start, start.type(8 * k))), align=4)
+        keys_value, counter, step, add, scale, out_value, start = args
+        start = context.cast(builder, start, sig.args[6], types.intp)
+        key_data = context.make_array(sig.args[0])(context, builder, keys_value).data
+        out_data = context.make_array(sig.args[5])(context, builder, out_value).data
+        round_keys = [_splat(builder, builder.zext(builder.load(builder.gep(key_data, [start.type(r)])),
+                                                    counter.type)) for r in range(20)]
+        step, add, scale = (_splat(builder, v) for v in (step, add, scale))
+        vector = ir.VectorType(counter.type, _LANES)
+        for group in range(0, _GROUP, _LANES):
+            counters = builder.add(_splat(builder, counter), ir.Constant(vector, list(range(group, group + _LANES))))
+            rows = [_affine_ir(builder, w, step, add, scale) for w in _rounds_ir(builder, counters, round_keys)]
+            for k, value in enumerate(_transpose_ir(builder, rows)):
+                at = builder.gep(out_data, [builder.add(start, start.type(4 * group + 8 * k))])
+                builder.store(value, builder.bitcast(at, value.type.as_pointer()), align=4)
         return context.get_dummy_value()
 
-    return types.void(planar, column, out, start), codegen
+    return types.void(keys, counter, step, add, scale, out, start), codegen
 
 
 @njit(parallel=True, cache=True)
 def _uniform_blocks(keys, first, out, step, add, scale):
-    """All four words of blocks ``first, first + 1, ...`` into ``out`` (``4 * blocks`` float32, interleaved).
-
-    Each task writes its blocks' words to a planar scratch first (one contiguous stream per word, which LLVM
-    vectorizes; interleaved stores straight from the rounds do not) and then interleaves them eight blocks at a time
-    by :func:`_store_interleaved`."""
+    """All four words of blocks ``first, first + 1, ...`` into ``out`` (``4 * blocks`` float32, interleaved):
+    ``_GROUP`` blocks at a time by :func:`_uniform_group`, the last few of the last task one by one."""
     blocks = out.shape[0] // 4
     for task in prange((blocks + _CHUNK - 1) // _CHUNK):
         lo, hi = task * _CHUNK, min(blocks, (task + 1) * _CHUNK)
-        planar = np.empty((4, _CHUNK), np.float32)
-        for j in range(lo, hi):
-            c0, c1, c2, c3 = _block(np.uint64(first + j), keys)
-            planar[0, j - lo] = _affine(c0, step, add, scale)
-            planar[1, j - lo] = _affine(c1, step, add, scale)
-            planar[2, j - lo] = _affine(c2, step, add, scale)
-            planar[3, j - lo] = _affine(c3, step, add, scale)
-        whole = (hi - lo) // 8 * 8
-        for j in range(0, whole, 8):
-            _store_interleaved(planar, j, out, 4 * (lo + j))
-        for j in range(whole, hi - lo):  # the last task's last blocks
-            out[4 * (lo + j):4 * (lo + j + 1)] = planar[:, j]
+        whole = lo + (hi - lo) // _GROUP * _GROUP
+        for j in range(lo, whole, _GROUP):
+            _uniform_group(keys, np.uint64(first + j), step, add, scale, out, 4 * j)
+        for j in range(whole, hi):
+            words = _block(np.uint64(first + j), keys)
+            for k in range(4):
+                out[4 * j + k] = _affine(words[k], step, add, scale)
 
 
 @njit(parallel=True, cache=True)
