@@ -6,8 +6,8 @@ against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 25
 (bytes moved: x, y and, for the stored weight, W) and the time ratio; and ``seedrand::frozen_matmul`` for a
 ``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
 
-CPU (always): regeneration throughput of the numba Philox (G values/s; beside it, its rounds alone, the ceiling of
-a bit-exact generator on the machine) and one training step (forward, backward, no weight gradient) of a
+CPU (always): regeneration throughput of the numba Philox (G values/s; beside it, the Philox rounds alone as numba
+vectorizes them, what the conversion and the stores are measured against) and one training step (forward, backward, no weight gradient) of a
 4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen, and the same layer with
 ``freeze_fraction`` 0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
 
@@ -80,7 +80,7 @@ def best_ms(fn, repeats: int = 5) -> float:
 @njit(parallel=True, cache=True)
 def _rounds_only(keys, blocks):
     """The Philox rounds of ``blocks`` blocks, their words folded into one checksum per task: no conversion, no
-    stores, so the time is the ceiling of any bit-exact generator on this machine."""
+    stores (the rounds of ``cpu_philox._block``, vectorized by numba)."""
     chunk = cpu_philox._CHUNK  # the tasks of the real kernel
     tasks = (blocks + chunk - 1) // chunk
     sums = np.zeros(tasks, np.uint64)

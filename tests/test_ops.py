@@ -1,13 +1,14 @@
 """seedrand::regen_matmul: equals a matmul by the materialized regenerated weight, chunk size does not matter,
 gradients are right (gradcheck, float64), nothing is saved for backward, and it compiles and exports.
 seedrand::frozen_matmul: its assembled weight has the trainable slice and the frozen rows of the whole regenerated
-weight, gradients pass gradcheck and opcheck, and vmap over ensemble members' slices gives each member's result."""
+weight, its product by blocks of rows (any chunk size) equals the product by the assembled weight, gradients pass
+gradcheck and opcheck, and vmap over ensemble members' slices gives each member's result."""
 
 import pytest
 import torch
 
 from seedrand.kernels.init import regenerate
-from seedrand.kernels.ops import frozen_matmul, frozen_weight, regen_matmul
+from seedrand.kernels.ops import frozen_matmul, frozen_matmul_reference, frozen_weight, regen_matmul
 
 SEED = 987654321
 
@@ -101,6 +102,23 @@ def test_frozen_weight_rows(trained_dim, kind):
     frozen = torch.tensor([0, 3, 4])
     whole = torch.zeros(7, 10) if kind == "zero" else weight(7, 10, 0.3, kind == "normal")  # row-major counters
     assert torch.equal(w.index_select(trained_dim, frozen), whole.index_select(trained_dim, frozen))
+
+
+@pytest.mark.parametrize("trained_dim", [0, 1])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("kind", ["uniform", "normal", "zero"])
+@pytest.mark.parametrize("chunk_bytes", [4, 4 * 10 * 3, 2**22])
+def test_frozen_matmul_blocks_equal_assembled_weight(trained_dim, transpose, kind, chunk_bytes):
+    """The CPU path never assembles the whole weight: blocks of one row, of three rows (the last one short) or all
+    rows give the product by the assembled weight."""
+    trainable, source, trained = frozen_case(trained_dim)
+    x = torch.randn(2, 3, 7 if transpose else 10, generator=torch.Generator().manual_seed(3))
+    args = (source, trained, trained_dim, SEED, 0.3, kind, transpose)
+    w = frozen_weight(trainable.detach(), source, trained, trained_dim, SEED, 0.3, kind, torch.float32)
+    got = frozen_matmul_reference(x, trainable.detach(), *args, chunk_bytes=chunk_bytes)
+    torch.testing.assert_close(got, x @ (w if transpose else w.T), rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="frozen_matmul: x has last dimension 6"):
+        frozen_matmul_reference(torch.randn(2, 6), trainable.detach(), *args, chunk_bytes=chunk_bytes)
 
 
 @pytest.mark.parametrize("trained_dim", [0, 1])
