@@ -101,8 +101,8 @@ class FrozenSlice(Regenerating):
     def regenerate(self, name: str, dtype: torch.dtype = torch.float32,
                    device: torch.device | str = "cpu") -> torch.Tensor:
         """The frozen slice (see :class:`Regenerating`). On the CPU it is cut from the whole tensor, generated as one
-        counter range (``cpu_philox``'s block path): 90% of a 4096 x 4096 weight in 70 ms against 99 ms for
-        gathering its counters (``benchmarks/regen_matmul.py``)."""
+        counter range (``cpu_philox``'s block path): 90% of a 4096 x 4096 weight in 55-93 ms against 75-99 ms for
+        gathering its counters (``benchmarks/regen_matmul.py``; both mostly page faults of the fresh tensors)."""
         if torch.device(device).type != "cpu":
             return super().regenerate(name, dtype, device)
         stream = self.streams[name]
