@@ -87,11 +87,11 @@ _LANES = 8
 _GROUP = 2 * _LANES
 
 
-def _splat(builder, value, lanes: int = _LANES):
-    vector = ir.VectorType(value.type, lanes)
-    one = builder.insert_element(ir.Constant(vector, ir.Undefined), value, ir.IntType(32)(0))
-    return builder.shuffle_vector(one, ir.Constant(vector, ir.Undefined), ir.Constant(ir.VectorType(ir.IntType(32),
-                                                                                                     lanes), [0] * lanes))
+def _splat(builder, value):
+    """``value`` in each of ``_LANES`` lanes (insert into lane 0, shuffle with an all-zero mask)."""
+    undefined = ir.Constant(ir.VectorType(value.type, _LANES), ir.Undefined)
+    one = builder.insert_element(undefined, value, ir.IntType(32)(0))
+    return builder.shuffle_vector(one, undefined, ir.Constant(ir.VectorType(ir.IntType(32), _LANES), [0] * _LANES))
 
 
 def _rounds_ir(builder, counters, keys):
