@@ -40,8 +40,8 @@ def _blockwise_matmul(x: torch.Tensor, weight_rows, out_features: int, in_featur
                       chunk_bytes: int, op: str) -> torch.Tensor:
     """``x @ W.T`` (``x @ W`` with ``transpose``) for an ``(out_features, in_features)`` weight ``W`` that is never
     whole: ``weight_rows(rows)`` gives its rows ``rows`` (a ``range`` of at most ``chunk_bytes`` of float32) in
-    ``x``'s dtype and device, and the product is taken block by block (transient blocks of a few MiB are reused by
-    the allocator, where a whole weight of more than 32 MiB is fresh memory, page-faulted at every call).
+    ``x``'s dtype and device, and the product is taken block by block, so that the transient weight is one block of
+    a few MiB (``benchmarks/random_mlp.py``: 58 MiB less peak for three 4096 x 4096 ``freeze_fraction`` layers).
 
     Raises:
         ValueError: ``x``'s last dimension does not fit ``W`` (the message names ``op``).
