@@ -17,7 +17,7 @@ import torch
 from .init import sample
 
 __all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_matmul_reference", "frozen_weight",
-           "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
+           "frozen_weight_shape", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
 
 # 4 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
 # few rows that run below peak (training step of a 4096 x 4096 layer at batch 256, benchmarks/regen_matmul.py: 1.41x
@@ -130,16 +130,24 @@ def register_transposed_autograd(op, transpose_at: int) -> None:
 register_transposed_autograd(regen_matmul, 6)
 
 
+def frozen_weight_shape(trainable: torch.Tensor, source: torch.Tensor,
+                        trained_dim: int) -> tuple[int, int]:
+    """``(out_features, in_features)`` of the weight of :func:`frozen_matmul`: ``trainable``'s shape with
+    ``source``'s length along ``trained_dim`` (arguments as :func:`frozen_matmul`; shapes only, no data read)."""
+    shape = [trainable.shape[0], trainable.shape[1]]
+    shape[trained_dim] = source.shape[0]
+    return shape[0], shape[1]
+
+
 def _frozen_rows(trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor, trained_dim: int, seed: int,
                  scale: float, kind: str, dtype: torch.dtype, rows: range) -> torch.Tensor:
     """Rows ``rows`` of :func:`frozen_weight`: regenerated as one counter range (``cpu_philox``'s block path on the
     CPU beats gathering the frozen part's counters), then the trained part overwritten."""
-    in_features = trainable.shape[1] if trained_dim == 0 else source.shape[0]
-    shape = (len(rows), in_features)
+    shape = (len(rows), frozen_weight_shape(trainable, source, trained_dim)[1])
     if kind == "zero":
         w = torch.zeros(shape, dtype=dtype, device=trainable.device)
     else:
-        w = sample(seed, shape, kind, scale, dtype, trainable.device, start=rows.start * in_features)
+        w = sample(seed, shape, kind, scale, dtype, trainable.device, start=rows.start * shape[1])
     if trained_dim == 1:
         return w.index_copy_(1, trained, trainable[rows.start:rows.stop].to(dtype))
     block_source = source[rows.start:rows.stop]
@@ -156,7 +164,7 @@ def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.
 
     Raises:
         ValueError: ``kind`` is not ``"uniform"``, ``"normal"`` or ``"zero"`` (from ``init.sample``)."""
-    out_features = source.shape[0] if trained_dim == 0 else trainable.shape[0]
+    out_features = frozen_weight_shape(trainable, source, trained_dim)[0]
     return _frozen_rows(trainable, source, trained, trained_dim, seed, scale, kind, dtype, range(out_features))
 
 
@@ -165,9 +173,8 @@ def frozen_matmul_reference(x: torch.Tensor, trainable: torch.Tensor, source: to
                             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """The torch implementation of :func:`frozen_matmul` (CPU and float64): ``x @ frozen_weight(...).T`` with the
     weight assembled and multiplied in blocks of rows of at most ``chunk_bytes`` (never whole). Arguments, result
-    and errors as :func:`frozen_matmul`."""
-    out_features = source.shape[0] if trained_dim == 0 else trainable.shape[0]
-    in_features = trainable.shape[1] if trained_dim == 0 else source.shape[0]
+    and errors as :func:`frozen_matmul` (paper 002, section 3)."""
+    out_features, in_features = frozen_weight_shape(trainable, source, trained_dim)
     return _blockwise_matmul(
         x, lambda rows: _frozen_rows(trainable, source, trained, trained_dim, seed, scale, kind, x.dtype, rows),
         out_features, in_features, transpose, chunk_bytes, "frozen_matmul")
@@ -212,7 +219,7 @@ def _(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
 
 @frozen_matmul.register_fake
 def _(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
-    features = source.shape[0] if trained_dim == int(transpose) else trainable.shape[int(transpose)]
+    features = frozen_weight_shape(trainable, source, trained_dim)[int(transpose)]
     return x.new_empty(*x.shape[:-1], features)
 
 

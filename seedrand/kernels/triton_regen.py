@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .ops import frozen_weight_shape
 from .triton_philox import interleave, stream_blocks, stream_element
 
 __all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight"]
@@ -196,7 +197,7 @@ def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch
     the filters fixed at their random init or zero): the trainable rows (``trained_dim`` 0) or columns (1) of ``W``
     are loaded from ``trainable``, the frozen ones generated in registers at their counters ``o * in_features + i``
     of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``). The torch reference is
-    :func:`seedrand.kernels.ops.frozen_weight`.
+    :func:`seedrand.kernels.ops.frozen_matmul_reference`.
 
     Args:
         x: as :func:`triton_regen_matmul`.
@@ -214,9 +215,8 @@ def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch
     Raises:
         ValueError: as :func:`triton_regen_matmul`.
     """
-    shape = [trainable.shape[0], trainable.shape[1]]
-    shape[trained_dim] = source.shape[0]
-    k, n = shape[::-1] if not transpose else shape
+    shape = frozen_weight_shape(trainable, source, trained_dim)
+    k, n = shape if transpose else shape[::-1]
     return _matmul(x, k, n, transpose, seed, scale, kind, trainable=trainable, source=source,
                    trained_dim=trained_dim)
 
