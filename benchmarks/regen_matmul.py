@@ -6,10 +6,11 @@ against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 25
 (bytes moved: x, y and, for the stored weight, W) and the time ratio; and ``seedrand::frozen_matmul`` for a
 ``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
 
-CPU (always): regeneration throughput of the numba Philox (G values/s; beside it, the Philox rounds alone as numba
-vectorizes them, what the conversion and the stores are measured against) and one training step (forward, backward, no weight gradient) of a
-4096 x 4096 layer at batch 256: regenerated (``random``) against stored and frozen, and the same layer with
-``freeze_fraction`` 0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
+CPU (always): regeneration throughput of the numba Philox (G values/s, median and best of many 4 MiB blocks, the
+path ``regen_matmul`` takes; beside it, the kernel alone writing into one preallocated block: the gap is Python, the
+allocation and its first touch) and one training step (forward, backward, no weight gradient) of a 4096 x 4096
+layer at batch 256: regenerated (``random``) against stored and frozen, and the same layer with ``freeze_fraction``
+0.9 (``seedrand::frozen_matmul``; the gradient of its trainable 10%).
 
 Run: python benchmarks/regen_matmul.py [--cpu-only]
 """
@@ -21,7 +22,6 @@ import time
 import numpy as np
 import torch
 import torch.nn as nn
-from numba import njit, prange
 
 import seedrand
 from seedrand.kernels import cpu_philox
@@ -77,36 +77,33 @@ def best_ms(fn, repeats: int = 5) -> float:
     return 1e3 * min(times)
 
 
-@njit(parallel=True, cache=True)
-def _rounds_only(keys, blocks):
-    """The Philox rounds of ``blocks`` blocks, their words folded into one checksum per task: no conversion, no
-    stores (the rounds of ``cpu_philox._block``, vectorized by numba)."""
-    chunk = cpu_philox._CHUNK  # the tasks of the real kernel
-    tasks = (blocks + chunk - 1) // chunk
-    sums = np.zeros(tasks, np.uint64)
-    for task in prange(tasks):
-        acc = np.uint64(0)
-        for j in range(task * chunk, min(blocks, (task + 1) * chunk)):
-            c0, c1, c2, c3 = cpu_philox._block(np.uint64(j), keys)
-            acc ^= c0 ^ c1 ^ c2 ^ c3
-        sums[task] = acc
-    return sums
+def block_rates(fns: dict, values: int, rounds: int = 300) -> dict:
+    """``{name: (median, best)}`` G values/s of each zero-argument ``fn`` producing ``values`` values, called in
+    alternation (so that all see the same machine load; this VM's speed drifts by 20-30% within minutes) after one
+    untimed call each."""
+    times = {name: [] for name in fns}
+    for name, fn in fns.items():
+        fn()
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: (values / statistics.median(t) / 1e9, values / min(t) / 1e9) for name, t in times.items()}
 
 
 def cpu_figures() -> None:
-    # 16 M values in the blocks regen_matmul uses, each freed before the next as there (a fresh 64 MiB buffer would
-    # mostly time page faults)
-    n, chunk = 1 << 24, DEFAULT_CHUNK_BYTES // 4
-
-    def blocks():
-        for offset in range(0, n, chunk):
-            sample(3, (chunk,), "uniform", 0.1, start=offset)
-
-    best = best_ms(blocks)
-    rounds = best_ms(lambda: _rounds_only(cpu_philox._round_keys(3), n // 4))
-    print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks): {n / best / 1e6:.3f} "
-          f"G values/s, {torch.get_num_threads()} threads; the Philox rounds alone (no conversion, no stores): "
-          f"{n / rounds / 1e6:.3f} G values/s")
+    chunk = DEFAULT_CHUNK_BYTES // 4
+    keys, out = cpu_philox._round_keys(3), np.empty(chunk, np.float32)
+    params = np.float32(2 * cpu_philox._TO_UNIT), np.float32(-1.0), np.float32(0.1)
+    blocks = iter(range(1 << 40))  # a new counter range per call, as the blocks of a weight
+    rates = block_rates({
+        "sample": lambda: sample(3, (chunk,), "uniform", 0.1, start=chunk * next(blocks)),
+        "kernel": lambda: cpu_philox._uniform_blocks(keys, np.int64(0), out, *params)}, chunk)
+    (median, best), (kernel_median, kernel_best) = rates["sample"], rates["kernel"]
+    print(f"CPU regeneration (U(-a, a), float32, {DEFAULT_CHUNK_BYTES >> 20} MiB blocks, {torch.get_num_threads()} "
+          f"threads): median {median:.3f}, best {best:.3f} G values/s (target 2); the kernel alone into a "
+          f"preallocated block: median {kernel_median:.3f}, best {kernel_best:.3f}")
     x = torch.randn(256, 4096, requires_grad=True)
     layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
     stored = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
