@@ -76,11 +76,14 @@ def _shrink(param: nn.Parameter, dim: int, index: torch.Tensor, optimizer: Optio
         smaller.grad = _keep(param.grad, dim, index)
     # swap, not .data: the Python object (optimizer key, user references) stays, and autograd's cached gradient
     # accumulator, which remembers the old shape, goes with the old tensor. Swapping is refused while a previous
-    # autograd graph still holds that accumulator; then only the data can change (backward through that old graph
-    # would fail, as it would after any in-place resize)
+    # autograd graph (a loss kept from the last step) still holds that accumulator; then the data changes, and the
+    # accumulator must be dropped by hand: setting .data keeps it unless the dtype or device changes, and the next
+    # backward would check the new gradient against the old shape. Backward through that old graph fails, as it
+    # would after any in-place resize.
     try:
         torch.utils.swap_tensors(param, smaller)
     except RuntimeError:
+        param.data = torch.empty(0, dtype=torch.float64 if param.dtype != torch.float64 else torch.float32)
         param.data, param.grad = smaller.data, smaller.grad
 
 
