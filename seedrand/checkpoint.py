@@ -4,8 +4,10 @@ The file holds the model's ``state_dict()`` (trainable tensors, stored frozen te
 tensor its Philox key and fingerprint: ``seedrand.passes.regenerated``), the example inputs it was traced with, and,
 in the safetensors metadata, the policy as YAML. A file cannot hold code, so :func:`load` rebuilds the graph the way
 PEFT rebuilds an adapter: it applies the saved policy to the architecture you pass (the weights of that model do not
-matter, every tensor the rewritten model keeps is in the file), then loads the tensors strictly. Every regenerated
-tensor's fingerprint is checked, so a model that would compute something else is an error, never a silent change.
+matter, every tensor the rewritten model keeps is in the file), removes the channels that
+:func:`seedrand.collect_garbage` removed since (the file lists them), then loads the tensors strictly. Every
+regenerated tensor's fingerprint is checked, so a model that would compute something else is an error, never a silent
+change.
 The ``state_dict`` itself is plain tensors: ``torch.save``/``torch.load(weights_only=True)`` work as well.
 """
 
@@ -24,6 +26,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from .errors import SeedrandError
+from .garbage import replay_collections
 from .policy import parse_policy
 from .rewriter.rewrite import RECORD_KEY, rewrite
 
@@ -59,7 +62,7 @@ def save(model: fx.GraphModule, path: Union[str, Path]) -> None:
     tensors.update({f"{_INPUT}{i}": x.detach().contiguous() for i, x in enumerate(inputs)})
     metadata = {"format": _FORMAT, "policy": record.policy.to_yaml(), "aliases": json.dumps(aliases),
                 "example_inputs": str(len(inputs)) if record.example_inputs is not None else "none",
-                "training": json.dumps(model.training)}
+                "training": json.dumps(model.training), "collections": json.dumps(record.collections)}
     path = Path(path)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
@@ -99,6 +102,7 @@ def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tupl
         tensors[name] = tensors[kept]
     policy = parse_policy(metadata["policy"], f"{path}:policy")
     gm = rewrite(model, policy, saved_inputs if example_inputs is None else example_inputs)
+    replay_collections(gm, json.loads(metadata.get("collections", "[]")))
     try:
         gm.load_state_dict(tensors, strict=True)
     except RuntimeError as e:

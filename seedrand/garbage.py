@@ -30,7 +30,7 @@ from .passes.filter_gates import FilterGate
 from .rewriter.channels import ChannelGraph, Ref
 from .rewriter.rewrite import RECORD_KEY
 
-__all__ = ["collect_garbage", "GarbageReport"]
+__all__ = ["collect_garbage", "GarbageReport", "replay_collections"]
 
 
 @dataclass
@@ -103,12 +103,7 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
     Raises:
         SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, or was rewritten without example inputs.
     """
-    record = getattr(model, "meta", {}).get(RECORD_KEY)
-    if record is None:
-        raise SeedrandError("collect_garbage needs a model returned by seedrand.rewrite")
-    if record.example_inputs is None:
-        raise SeedrandError("collect_garbage propagates shapes with the rewrite's example inputs: pass example_inputs "
-                            "to seedrand.rewrite")
+    record = _record(model)
     report = GarbageReport()
     report.parameters_before, report.bytes_before = _size(model)
     report.flops_before = _propagate(model, record.example_inputs)
@@ -127,15 +122,54 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
         kept = [r for r in kept if r not in removed]
         if kept:
             report.blocked[node.target] = why.get(kept[0], "no layer reads them")
-    for apply in plan:
-        apply(optimizer, report)
-    model.recompile()
+    _apply(model, plan, optimizer, report)
+    if plan:
+        record.collections.append(sorted(removed))
     report.parameters_after, report.bytes_after = _size(model)
     report.flops_after = _propagate(model, record.example_inputs) if plan else report.flops_before
     if explain:
         for name, reason in report.blocked.items():
             print(f"{name}: dead channels kept: {reason}")
     return report
+
+
+def replay_collections(model: fx.GraphModule, collections: list[list[int]]) -> None:
+    """Remove from a freshly rewritten ``model``, in place, the channel groups that earlier
+    :func:`collect_garbage` calls removed from a model rewritten by the same policy from the same architecture (its
+    ``RewriteRecord.collections``), so that its tensors take their shapes again; ``seedrand.load`` does this before
+    loading them. Which channels are dead does not matter: the groups are given.
+
+    Raises:
+        SeedrandError: ``model`` was not returned by ``seedrand.rewrite`` with example inputs, or a collection
+            removes nothing from it (it does not come from this policy and architecture).
+    """
+    record = _record(model)
+    for removed in collections:
+        _propagate(model, record.example_inputs)
+        graph = ChannelGraph(model)
+        plan = _plan(model, graph, set(removed))
+        if not plan:
+            raise SeedrandError(f"a recorded garbage collection removes nothing from this model (groups "
+                                f"{removed[:8]}...): it was not rewritten by the same policy from the same architecture")
+        _apply(model, plan, None, GarbageReport())
+        record.collections.append(list(removed))
+
+
+def _record(model: fx.GraphModule):
+    record = getattr(model, "meta", {}).get(RECORD_KEY)
+    if record is None:
+        raise SeedrandError("collect_garbage needs a model returned by seedrand.rewrite")
+    if record.example_inputs is None:
+        raise SeedrandError("collect_garbage propagates shapes with the rewrite's example inputs: pass example_inputs "
+                            "to seedrand.rewrite")
+    return record
+
+
+def _apply(model: fx.GraphModule, plan: list, optimizer: Optional[torch.optim.Optimizer],
+           report: GarbageReport) -> None:
+    for apply in plan:
+        apply(optimizer, report)
+    model.recompile()
 
 
 def _size(model: nn.Module) -> tuple[int, int]:

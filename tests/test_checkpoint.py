@@ -111,3 +111,59 @@ def test_missing_seed_and_foreign_files_are_errors(tmp_path):
     with pytest.raises(SeedrandError, match="needs a model returned by seedrand.rewrite"):
         seedrand.save(model, tmp_path / "plain.safetensors")
     assert not (tmp_path / "plain.safetensors").exists()
+
+
+def kill_channels(gm, seed):
+    """Half of every gate's channels dead (theta < 0), chosen by a local generator."""
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for theta in seedrand.gate_parameters(gm):
+            theta[torch.rand(theta.shape, generator=gen) < 0.5] = -1.0
+
+
+@pytest.mark.parametrize("name,match,head", [
+    ("cnn", {"types": ["Conv2d"]}, None),
+    ("bert", {"types": ["Linear"]}, "bert.encoder.layer.0.attention.self.value_gate")])
+def test_garbage_collected_model_round_trip(zoo_models, tmp_path, name, match, head):
+    """Channels removed by collect_garbage (twice, training in between; in bert also the values of a head, so the
+    head goes, and the head count in the graph's reshapes with it) are removed again by load before the tensors are
+    loaded: graph code, shapes, modules' integer attributes and outputs as saved."""
+    model, inputs = zoo_models[name]
+    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": match, "filter_gates": {}}]}, inputs)
+    for seed in (0, 1):
+        trained_in_place(gm, inputs)
+        kill_channels(gm, seed)
+        if head and seed == 0:
+            with torch.no_grad():
+                gm.get_submodule(head).theta[16:32] = -1.0  # head 1 of 16 values each
+        assert seedrand.collect_garbage(gm).removed
+    seedrand.save(gm.eval(), tmp_path / "g.safetensors")
+    loaded = seedrand.load(tmp_path / "g.safetensors", model)
+    assert loaded.code == gm.code
+    assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in gm.state_dict().items()}
+    assert torch.equal(logits(loaded(*inputs)), logits(gm(*inputs)))
+    sizes = [(type(m).__name__, {k: v for k, v in vars(m).items() if isinstance(v, int)}) for m in gm.modules()]
+    assert [(type(m).__name__, {k: v for k, v in vars(m).items() if isinstance(v, int)}) for m in loaded.modules()] \
+        == sizes  # out_features, num_heads, ...
+    trained_in_place(loaded, inputs)  # and it trains
+
+
+def trained_in_place(gm, inputs):
+    opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
+    gm.train()
+    opt.zero_grad()
+    logits(gm(*inputs)).float().square().mean().backward()
+    opt.step()
+
+
+def test_collections_that_do_not_fit_are_an_error(zoo_models, tmp_path):
+    model, inputs = zoo_models["cnn"]
+    gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, inputs)
+    path = tmp_path / "g.safetensors"
+    seedrand.save(gm, path)
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, path, metadata={**metadata, "collections": "[[100000]]"})
+    with pytest.raises(SeedrandError, match="removes nothing from this model"):
+        seedrand.load(path, model)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Union
 
@@ -30,12 +30,15 @@ class RewriteRecord:
         targets: every (module, rule) pair, in the order the passes ran.
         trace: how the model was captured.
         example_inputs: the example inputs it was traced with (``None`` if none were given).
+        collections: per :func:`seedrand.collect_garbage` call that removed channels, in order, the channel groups
+            it removed (root ids of the model's ``ChannelGraph`` at that time); ``seedrand.load`` replays them.
     """
 
     policy: Policy
     targets: list[Target]
     trace: TraceInfo
     example_inputs: Optional[tuple] = None
+    collections: list[list[int]] = field(default_factory=list)
 
 
 def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
