@@ -83,7 +83,8 @@ def _shrink(param: nn.Parameter, dim: int, index: torch.Tensor, optimizer: Optio
     try:
         torch.utils.swap_tensors(param, smaller)
     except RuntimeError:
-        param.data = torch.empty(0, dtype=torch.float64 if param.dtype != torch.float64 else torch.float32)
+        other = torch.float64 if param.dtype != torch.float64 else torch.float32
+        param.data = torch.empty(0, dtype=other, device=param.device)
         param.data, param.grad = smaller.data, smaller.grad
 
 
@@ -143,6 +144,8 @@ def replay_collections(model: fx.GraphModule, collections: list[list[int]]) -> N
         SeedrandError: ``model`` was not returned by ``seedrand.rewrite`` with example inputs, or a collection
             removes nothing from it (it does not come from this policy and architecture).
     """
+    if not collections:  # a model rewritten without example inputs has none, and nothing to replay
+        return
     record = _record(model)
     for removed in collections:
         _propagate(model, record.example_inputs)
