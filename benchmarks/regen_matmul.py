@@ -3,8 +3,10 @@
 CUDA (when a GPU is present): ``seedrand::regen_matmul`` (the Triton kernel generating weight tiles in registers)
 against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 256, 4096} and K = N in
 {1024, 4096, 8192}, float16: time (ms, CUDA events via ``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s
-(bytes moved: x, y and, for the stored weight, W) and the time ratio; and ``seedrand::frozen_matmul`` for a
-``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows loaded, the rest generated, one launch).
+(bytes moved: x, y and, for the stored weight, W) and the time ratio; the split-K slices the op chose for the shape
+and the kernel's time without them; and ``seedrand::frozen_matmul`` for a ``freeze_fraction`` layer with 90% of its
+filters frozen (10% of the rows loaded, the rest generated, one launch). Then ``P.T @ g`` of a subspace layer (the
+gradient of ``theta_d``: ``d`` outputs, each a sum over ``D`` rows) against a stored ``P``, with and without split-K.
 
 CPU (always): regeneration throughput of the numba Philox (G values/s, median and best of many 4 MiB blocks, the
 path ``regen_matmul`` takes; beside it, the kernel alone writing into one preallocated block: the gap is Python, the
@@ -33,8 +35,13 @@ from seedrand.passes.regenerated import Regenerating
 def cuda_table() -> None:
     import triton.testing
 
+    from seedrand.kernels.projection import subspace_project
+    from seedrand.kernels.triton_regen import _sms, split_k, triton_project, triton_regen_matmul
+
+    sms = _sms(torch.device("cuda"))
     print(f"{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}{'regen TFLOP/s':>15}"
-          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'ff90 ms':>9}{'ff90/stored':>13}")
+          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'slices':>8}{'1 slice ms':>12}"
+          f"{'ff90 ms':>9}{'ff90/stored':>13}")
     for kn in (1024, 4096, 8192):
         w = torch.randn(kn, kn, device="cuda", dtype=torch.float16) * 0.01
         trained = torch.arange(0, kn, 10, device="cuda")  # every tenth filter trains
@@ -46,12 +53,24 @@ def cuda_table() -> None:
             stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
             regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False,
                                                                  DEFAULT_CHUNK_BYTES))
+            # the same kernel without split-K (regen_matmul slices the reduction where the output is small)
+            unsplit = triton.testing.do_bench(lambda: triton_regen_matmul(x, 7, kn, kn, 0.01, False, False, 1))
             frozen = triton.testing.do_bench(lambda: frozen_matmul(x, trainable, source, trained, 0, 7, 0.01,
                                                                    "uniform", False))
             flops, io = 2 * m * kn * kn, 2 * (2 * m * kn)
             print(f"{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}{flops / regen / 1e9:>15.2f}"
                   f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}"
-                  f"{frozen:>9.3f}{frozen / stored:>13.2f}")
+                  f"{split_k(m, kn, kn, sms):>8}{unsplit:>12.3f}{frozen:>9.3f}{frozen / stored:>13.2f}")
+    print("\nsubspace P.T @ g (float32; P: D x d Gaussian, generated; stored: P in memory, torch.mv)")
+    print(f"{'D':>10}{'d':>6}{'stored ms':>11}{'regen ms':>10}{'slices':>8}{'1 slice ms':>12}")
+    for big, d in ((1 << 20, 1000), (1 << 24, 100)):
+        g = torch.randn(big, device="cuda")
+        p = torch.randn(big, d, device="cuda") / big ** 0.5
+        stored = triton.testing.do_bench(lambda: torch.mv(p.T, g))
+        del p
+        regen = triton.testing.do_bench(lambda: subspace_project(g, 3, big, d, "gaussian", 0.0, True, 2**20))
+        unsplit = triton.testing.do_bench(lambda: triton_project(g, 3, big, d, "gaussian", 0.0, True, 1))
+        print(f"{big:>10}{d:>6}{stored:>11.3f}{regen:>10.3f}{split_k(1, d, big, sms):>8}{unsplit:>12.3f}")
 
 
 def step_ms(models: list[nn.Module], x: torch.Tensor, rounds: int = 8) -> list[float]:

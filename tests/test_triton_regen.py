@@ -8,7 +8,8 @@ import torch
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import frozen_matmul, regen_conv, regen_matmul, regen_matmul_reference
 from seedrand.kernels.projection import subspace_project
-from seedrand.kernels.triton_regen import triton_frozen_matmul, triton_project, triton_regen_matmul, triton_regen_weight
+from seedrand.kernels.triton_regen import (split_k, triton_frozen_matmul, triton_project, triton_regen_matmul,
+                                          triton_regen_weight)
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -38,20 +39,45 @@ def test_matmul_equals_reference(dtype, transpose, batch, out_features, in_featu
     torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
 
 
-@pytest.mark.parametrize("normal", [False, True])
-@pytest.mark.parametrize("transpose", [False, True])
-@pytest.mark.parametrize("out_features,in_features", [(19, 37), (12, 48), (33, 20)])
-def test_matmul_tiles_are_the_weight(out_features, in_features, transpose, normal):
-    """The tiles generated inside the matmul are the reference weight bit for bit (multiplied by an identity), both
-    where a row of W is whole Philox blocks (in_features % 4 == 0: four values per block) and where it is not."""
+def assert_tiles_are_the_weight(out_features, in_features, transpose, normal, splits=None):
+    """Multiplied by an identity, the kernel returns the tiles it generated: the reference weight bit for bit."""
     w = sample(77, (out_features, in_features), "normal" if normal else "uniform", 0.4)
     eye = torch.eye(out_features if transpose else in_features)
-    got = triton_regen_matmul(eye, 77, out_features, in_features, 0.4, normal, transpose)
+    got = triton_regen_matmul(eye, 77, out_features, in_features, 0.4, normal, transpose, splits=splits)
     expected = w if transpose else w.T
     if normal:  # Box-Muller's log/cos: libm and the interpreter's numpy may differ in the last bit
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     else:
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("normal", [False, True])
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("out_features,in_features", [(19, 37), (12, 48), (33, 20)])
+def test_matmul_tiles_are_the_weight(out_features, in_features, transpose, normal):
+    """The tiles generated inside the matmul are the reference weight bit for bit, both where a row of W is whole
+    Philox blocks (in_features % 4 == 0: four values per block) and where it is not."""
+    assert_tiles_are_the_weight(out_features, in_features, transpose, normal)
+
+
+@pytest.mark.parametrize("normal", [False, True])
+@pytest.mark.parametrize("out_features,in_features,transpose", [(44, 300, False), (45, 301, False),
+                                                                (300, 44, True), (301, 45, True)])
+def test_split_reduction_tiles_are_the_weight(out_features, in_features, transpose, normal):
+    """Split-K: a reduction of 300-301 steps in three slices (128, 128 and the rest, each its own programs, their
+    float32 partial sums added) still gives the weight bit for bit: a slice that starts at the wrong counter,
+    overlaps another or stops short changes it."""
+    assert_tiles_are_the_weight(out_features, in_features, transpose, normal, splits=3)
+
+
+def test_split_k_slices_only_outputs_too_small_for_the_gpu():
+    sms = 132  # H100/H200
+    assert split_k(4096, 4096, 4096, sms) == 1 and split_k(256, 4096, 4096, sms) == 1  # enough output tiles
+    for m, n, k in [(1, 4096, 4096), (16, 1024, 8192), (1, 1000, 10**6)]:  # a small batch; P.T @ g, d = 1000
+        slices = split_k(m, n, k, sms)
+        tiles = -(-n // 64)
+        assert slices > 1 and tiles * slices >= 2 * sms and k // slices >= 256, (m, n, k, slices)
+    assert split_k(1, 64, 300, sms) == 1  # too short a reduction to slice
 
 
 def test_normal_weights_and_strided_input():
@@ -69,15 +95,10 @@ def test_backward_is_the_transposed_kernel():
     torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("kind", ["uniform", "normal", "zero"])
-@pytest.mark.parametrize("trained_dim,transpose", [(0, False), (0, True), (1, False), (1, True)])
-def test_frozen_matmul_equals_reference(trained_dim, transpose, kind, dtype):
-    """freeze_fraction in one launch: trainable rows (columns) loaded, frozen ones generated; odd sizes, a frozen
-    set that straddles tiles, a strided trainable slice."""
-    out_f, in_f = 37, 44
+def assert_frozen_matmul_equals_reference(out_f, in_f, trained_dim, transpose, kind, dtype, splits=None):
+    """The kernel against the op's torch reference, for an (out_f, in_f) weight with rows (columns) frozen."""
     n = (out_f, in_f)[trained_dim]
-    frozen = {1, 2, 30, 31, 32, 36} & set(range(n))
+    frozen = {1, 2, 30, 31, 32, 36, 127, 128, 129, 256} & set(range(n))  # straddling tiles and split-K slices
     trained = torch.tensor([i for i in range(n) if i not in frozen])
     source = torch.full((n,), -1, dtype=torch.int64)
     source[trained] = torch.arange(len(trained))
@@ -86,18 +107,35 @@ def test_frozen_matmul_equals_reference(trained_dim, transpose, kind, dtype):
     trainable = torch.randn(shape[::-1], generator=torch.Generator().manual_seed(7)).T  # non-contiguous
     x = torch.randn(3, 5, out_f if transpose else in_f, generator=torch.Generator().manual_seed(8)).to(dtype)
     args = (trained_dim, 99, 0.25, kind, transpose)
-    got = triton_frozen_matmul(x, trainable, source, *args)
+    got = triton_frozen_matmul(x, trainable, source, *args, splits=splits)
     expected = frozen_matmul(x.float(), trainable, source, trained, *args)
     rtol, atol = TOLERANCE[dtype]
     torch.testing.assert_close(got.float(), expected, rtol=rtol, atol=atol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("kind", ["uniform", "normal", "zero"])
+@pytest.mark.parametrize("trained_dim,transpose", [(0, False), (0, True), (1, False), (1, True)])
+def test_frozen_matmul_equals_reference(trained_dim, transpose, kind, dtype):
+    """freeze_fraction in one launch: trainable rows (columns) loaded, frozen ones generated; odd sizes, a frozen
+    set that straddles tiles, a strided trainable slice."""
+    assert_frozen_matmul_equals_reference(37, 44, trained_dim, transpose, kind, dtype)
+
+
+@pytest.mark.parametrize("kind", ["uniform", "zero"])
+@pytest.mark.parametrize("out_f,in_f,trained_dim,transpose", [(37, 300, 1, False), (300, 44, 0, True)])
+def test_split_reduction_frozen_matmul(out_f, in_f, trained_dim, transpose, kind):
+    """Split-K over the frozen dimension (300 steps in three slices; frozen rows on both sides of a boundary)."""
+    assert_frozen_matmul_equals_reference(out_f, in_f, trained_dim, transpose, kind, torch.float32, splits=3)
+
+
 @pytest.mark.parametrize("kind", ["gaussian", "sparse", "very_sparse"])
-@pytest.mark.parametrize("transpose", [False, True])
-def test_project_equals_reference(kind, transpose):
+@pytest.mark.parametrize("transpose,splits", [(False, None), (True, None), (True, 2)])
+def test_project_equals_reference(kind, transpose, splits):
+    """``P @ x`` and ``P.T @ x``, the latter also split-K (its 83 steps in slices of 64 and 19)."""
     rows, cols = 83, 11
     x = torch.randn(rows if transpose else cols, generator=torch.Generator().manual_seed(9))
-    got = triton_project(x, 5, rows, cols, kind, 0.3, transpose)
+    got = triton_project(x, 5, rows, cols, kind, 0.3, transpose, splits=splits)
     torch.testing.assert_close(got, subspace_project(x, 5, rows, cols, kind, 0.3, transpose, 2**10), rtol=1e-5,
                                atol=1e-6)
 
@@ -112,23 +150,28 @@ def test_bad_input():
         triton_regen_matmul(torch.randn(2, 3), 1, 4, 5, 0.1, False, False)
     with pytest.raises(ValueError, match="float64"):
         triton_regen_matmul(torch.randn(2, 5, dtype=torch.float64), 1, 4, 5, 0.1, False, False)
+    with pytest.raises(ValueError, match="splits must be at least 1"):
+        triton_regen_matmul(torch.randn(2, 5), 1, 4, 5, 0.1, False, False, splits=0)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_ops_match_cpu(dtype):
-    x = torch.randn(64, 96, dtype=dtype)
-    for op_args in ((7, 48, 96, 0.1, False, False, 2**20),):
-        torch.testing.assert_close(regen_matmul(x.cuda(), *op_args).cpu().float(), regen_matmul(x, *op_args).float(),
-                                   rtol=2e-2, atol=2e-2)
+    x, gemv = torch.randn(64, 96, dtype=dtype), torch.randn(2, 4096, dtype=dtype)  # gemv: split-K on the GPU
+    for inputs, op_args in ((x, (7, 48, 96, 0.1, False, False, 2**20)), (gemv, (7, 48, 4096, 0.1, False, False, 2**20)),
+                            (gemv, (7, 4096, 48, 0.1, True, True, 2**20))):
+        torch.testing.assert_close(regen_matmul(inputs.cuda(), *op_args).cpu().float(),
+                                   regen_matmul(inputs, *op_args).float(), rtol=2e-2, atol=2e-2)
     trainable, source, trained = torch.randn(40, 96), torch.arange(-8, 40).clamp_min(-1), torch.arange(8, 48)
     frozen = (x, trainable, source, trained, 0, 3, 0.1, "uniform", False)
     torch.testing.assert_close(frozen_matmul(*[a.cuda() if torch.is_tensor(a) else a for a in frozen]).cpu().float(),
                                frozen_matmul(*frozen).float(), rtol=2e-2, atol=2e-2)
-    theta_d = torch.randn(12)
+    theta_d, g = torch.randn(12), torch.randn(100_000)
     for kind in ("gaussian", "sparse", "very_sparse"):
         torch.testing.assert_close(subspace_project(theta_d.cuda(), 4, 500, 12, kind, 0.1, False, 2**20).cpu(),
                                    subspace_project(theta_d, 4, 500, 12, kind, 0.1, False, 2**20))
+        torch.testing.assert_close(subspace_project(g.cuda(), 4, 100_000, 12, kind, 0.1, True, 2**20).cpu(),
+                                   subspace_project(g, 4, 100_000, 12, kind, 0.1, True, 2**20), rtol=1e-4, atol=1e-4)
     image = torch.randn(2, 3, 9, 9, dtype=dtype)
     conv = (11, [4, 3, 3, 3], 0.2, False, [1, 1], [1, 1], [1, 1], 1)
     torch.testing.assert_close(regen_conv(image.cuda(), *conv).cpu().float(), regen_conv(image, *conv).float(),

@@ -28,7 +28,8 @@ __all__ = ["Variant", "variants", "build", "compile_variant", "main"]
 _FLOATS = ("fp32", "fp16", "bf16")
 # the launchers' scalar arguments: Triton types a Python int as i32, i64 or u64 by its value (a Philox key spans
 # [0, 2**64)), a Python float as fp32
-_MATMUL_SCALARS = ("M", "N", "K", "stride_xm", "stride_xk", "stride_ym", "stride_yn", "stride_t0", "stride_t1")
+_MATMUL_SCALARS = ("M", "N", "K", "K_SPLIT", "stride_xm", "stride_xk", "stride_ys", "stride_ym", "stride_yn",
+                   "stride_t0", "stride_t1")
 
 
 class Variant(NamedTuple):
@@ -45,16 +46,20 @@ class Variant(NamedTuple):
 
 
 def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: int, seed: str = "i64",
-            trainable: str | None = None, block: tuple[int, int, int, int, int] = (64, 64, 32, 4, 3)) -> Variant:
+            trainable: str | None = None, block: tuple[int, int, int, int, int] = (64, 64, 32, 4, 3),
+            partial: bool = False) -> Variant:
     m, n, k, warps, stages = block
-    flags = {"DIST": dist, "TRANSPOSE": transpose, "ALIGNED": aligned, "TRAINED_DIM": trained_dim, "UPCAST": False,
-             "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+    flags = {"DIST": dist, "TRANSPOSE": transpose, "ALIGNED": aligned, "TRAINED_DIM": trained_dim, "SPLIT": partial,
+             "UPCAST": False, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
     frozen = trained_dim >= 0  # without a trainable slice the launcher passes x for both pointers
-    signature = {"x_ptr": f"*{dtype}", "y_ptr": f"*{dtype}", "t_ptr": f"*{trainable or dtype}",
+    # split-K launches write float32 partial sums whatever x's dtype (the float32 ones are the same variant)
+    signature = {"x_ptr": f"*{dtype}", "y_ptr": "*fp32" if partial else f"*{dtype}",
+                 "t_ptr": f"*{trainable or dtype}",
                  "src_ptr": "*i64" if frozen else f"*{dtype}", **dict.fromkeys(_MATMUL_SCALARS, "i32"),
                  "seed": seed, "scale": "fp32", "lo": "fp32", "hi": "fp32", **dict.fromkeys(flags, "constexpr")}
     name = (f"matmul {dtype} DIST={dist} TRANSPOSE={transpose:d} ALIGNED={aligned:d} TRAINED_DIM={trained_dim}"
             + (f" trainable {trainable}" if trainable else "") + (f" seed {seed}" if seed != "i64" else "")
+            + (" partial fp32" if partial else "")
             + f" blocks {m}x{n}x{k} warps {warps} stages {stages}")
     return Variant(name, "seedrand.kernels.triton_regen", "_regen_matmul_kernel", signature, flags, warps, stages)
 
@@ -62,8 +67,9 @@ def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: 
 def variants() -> list[Variant]:
     """The variants the launchers can ask for: ``regen_matmul`` (uniform, normal), ``frozen_matmul`` (zero, uniform,
     normal; trainable rows or columns, of the input's dtype or float32), ``subspace_project`` (normal, ternary;
-    float32), each both directions, aligned or not, in float32/float16/bfloat16 where the op takes them; every
-    autotuning configuration once; the weight fill (``regen_conv``) and Triton's Philox fill."""
+    float32), each both directions, aligned or not, in float32/float16/bfloat16 where the op takes them; float32
+    partial sums of a float16/bfloat16 input (split-K); every autotuning configuration once; the weight fill
+    (``regen_conv``) and Triton's Philox fill."""
     from .triton_regen import _CONFIGS
 
     out = []
@@ -72,6 +78,9 @@ def variants() -> list[Variant]:
         out += [_matmul(dtype, dist, transpose, aligned, dim) for dist in (0, 1, 2) for dim in (0, 1)]
         if dtype == "fp32":
             out += [_matmul(dtype, dist, transpose, aligned, -1) for dist in (2, 3)]
+        # split-K (small batches, P.T @ g): the loop bounds and output differ, not the tiles; a sample of the above
+        out += [_matmul(dtype, dist, transpose, aligned, dim, partial=True)
+                for dist, dim in ((1, -1), (2, -1), (1, 0), (2, 1)) + (((3, -1),) if dtype == "fp32" else ())]
     out += [_matmul("fp16", 1, False, True, 0, trainable="fp32")]
     out += [_matmul("fp16", 1, False, True, -1, seed=seed) for seed in ("i32", "u64")]
     for config in _CONFIGS:

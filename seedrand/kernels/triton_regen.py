@@ -9,7 +9,9 @@ traffic): a matmul with a weight that is never loaded, and a fill for the weight
   Philox blocks and each ``tl.randint4x`` gives four weights (interleaved into the tile), else one block per weight;
   products accumulate in float32 and the result is stored in ``x``'s dtype. Backward (``dx = dy @ W``) is the same
   kernel with ``transpose`` flipped; ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x``
-  are handled; block sizes are autotuned on GPUs.
+  are handled; block sizes are autotuned on GPUs. Where the output has fewer tiles than the GPU has SMs (a small
+  batch; ``P.T @ g``), the reduction is split over several programs (split-K, :func:`split_k`) whose float32
+  partial sums are added afterwards, in a fixed order.
 * :func:`triton_frozen_matmul`: the same kernel for a ``freeze_fraction`` weight, its trainable rows (columns) loaded
   and its frozen ones generated, in one launch.
 * :func:`triton_project`: ``P @ x`` and ``P.T @ x`` for the subspace projections whose entries are i.i.d.
@@ -24,6 +26,7 @@ run on CPU tensors under ``TRITON_INTERPRET=1`` (set before ``triton`` is import
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 from typing import Optional
@@ -35,7 +38,7 @@ import triton.language as tl
 from .ops import frozen_weight_shape
 from .triton_philox import interleave, stream_blocks, stream_element
 
-__all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight"]
+__all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight", "split_k"]
 
 _INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 _TL_DTYPES = {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}
@@ -78,17 +81,25 @@ def _weight_rows(seed, first, scale, lo, hi, DIST: tl.constexpr, ROWS: tl.conste
 
 
 @triton.jit
-def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, stride_xk, stride_ym, stride_yn,
-                         stride_t0, stride_t1, seed, scale, lo, hi, DIST: tl.constexpr, TRANSPOSE: tl.constexpr,
-                         ALIGNED: tl.constexpr, TRAINED_DIM: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr,
-                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, K_SPLIT, stride_xm, stride_xk, stride_ys,
+                         stride_ym, stride_yn, stride_t0, stride_t1, seed, scale, lo, hi, DIST: tl.constexpr,
+                         TRANSPOSE: tl.constexpr, ALIGNED: tl.constexpr, TRAINED_DIM: tl.constexpr,
+                         SPLIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_K: tl.constexpr):
     # y[m, n] = sum_k x[m, k] * Wt[k, n], Wt = W.T (transposed: W); W[o, i] is generated at counter o * in + i or,
     # along TRAINED_DIM (0: rows o, 1: columns i; -1: none) where src >= 0, loaded from t[src, i] (t[o, src])
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    if SPLIT:  # split-K: program (m, n, s) sums k in [s * K_SPLIT, (s + 1) * K_SPLIT) into y[s]
+        k_lo = tl.program_id(2) * K_SPLIT
+        k_hi = tl.minimum(k_lo + K_SPLIT, K)
+        y_ptr += tl.program_id(2).to(tl.int64) * stride_ys
+    else:  # constant bounds: a runtime start costs the unsplit kernel 10-50 registers per thread (sm_90)
+        k_lo = 0
+        k_hi = K
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + rm[:, None] * stride_xm + rk[None, :] * stride_xk,
                     mask=(rm[:, None] < M) & (rk[None, :] < K), other=0.0)
@@ -121,8 +132,35 @@ def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, stride_xm, strid
 _CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
             for m, n, k, w, s in [(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                                   (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]]
-_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "DIST", "TRANSPOSE", "ALIGNED",
-                                                             "TRAINED_DIM"])(_regen_matmul_kernel)
+_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "K_SPLIT", "DIST", "TRANSPOSE",
+                                                             "ALIGNED", "TRAINED_DIM"])(_regen_matmul_kernel)
+# a slice of the reduction is whole BLOCK_K steps of every configuration (the largest BLOCK_K of _CONFIGS)
+_K_STEP = 64
+
+
+def split_k(m: int, n: int, k: int, sms: int) -> int:
+    """How many slices of the reduction (split-K) a launch with an ``m x n`` output and ``k`` reduction steps gets on
+    a GPU with ``sms`` streaming multiprocessors: with fewer output tiles than SMs (64 x 64 tiles: a small batch,
+    or ``P.T @ g`` of a subspace layer, ``d`` outputs summed over ``D`` rows), two programs per SM, each slice at
+    least 256 steps so that the ``slices x m x n`` float32 partial sums stay small beside the generation; else 1.
+
+    Without a slice, the grid of a GEMV-shaped launch is a few programs that each generate a whole ``k``-long strip
+    of the weight while most SMs idle. The thresholds are a design choice from the kernel's resources (two or three
+    4-warp programs fit an SM at 128-254 registers per thread, ``benchmarks/triton_resources.py``), not yet tuned on
+    a GPU: ``benchmarks/regen_matmul.py`` prints the time with and without slices.
+
+    Returns:
+        The number of slices, at least 1 (:func:`triton_regen_matmul` rounds each to whole ``BLOCK_K`` steps).
+    """
+    tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
+    if tiles >= sms:
+        return 1
+    return max(1, min(triton.cdiv(2 * sms, tiles), k // 256))
+
+
+@functools.lru_cache(maxsize=None)
+def _sms(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
 
 
 @triton.jit
@@ -143,33 +181,43 @@ def _options() -> dict:
 
 def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: float, dist: str,
             lo: float = 0.0, hi: float = 0.0, trainable: Optional[torch.Tensor] = None,
-            source: Optional[torch.Tensor] = None, trained_dim: int = -1) -> torch.Tensor:
+            source: Optional[torch.Tensor] = None, trained_dim: int = -1,
+            splits: Optional[int] = None) -> torch.Tensor:
     """Launch the kernel on ``x`` ``(..., k)`` -> ``(..., n)`` (checks as :func:`triton_regen_matmul`)."""
     if x.shape[-1] != k:
         raise ValueError(f"triton_regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
     if x.dtype not in _TL_DTYPES:
         raise ValueError(f"triton_regen_matmul: dtype {x.dtype} is not float32, float16 or bfloat16")
+    if splits is not None and splits < 1:
+        raise ValueError(f"triton_regen_matmul: splits must be at least 1, got {splits}")
     x2 = x.reshape(-1, k)
-    y = torch.empty(x2.shape[0], n, dtype=x.dtype, device=x.device)
+    m = x2.shape[0]
+    if splits is None:
+        splits = 1 if _INTERPRETED else split_k(m, n, k, _sms(x.device))
+    k_split = _K_STEP * max(1, triton.cdiv(triton.cdiv(k, splits), _K_STEP))
+    splits = max(1, triton.cdiv(k, k_split))
+    # one output, or float32 partial sums per slice, added once all are written (the same order on every run)
+    y = torch.empty(splits, m, n, dtype=x.dtype if splits == 1 else torch.float32, device=x.device)
     t = x2 if trainable is None else trainable
-    args = (x2, y, t, x2 if source is None else source, x2.shape[0], n, k, x2.stride(0), x2.stride(1), y.stride(0),
-            y.stride(1), t.stride(0), t.stride(1), seed, scale, lo, hi)
+    args = (x2, y, t, x2 if source is None else source, m, n, k, k_split, x2.stride(0), x2.stride(1), y.stride(0),
+            y.stride(1), y.stride(2), t.stride(0), t.stride(1), seed, scale, lo, hi)
     # the weight's rows are whole Philox blocks when in_features (n transposed, else k) is a multiple of 4
     flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "ALIGNED": (n if transpose else k) % 4 == 0,
-             "TRAINED_DIM": trained_dim}
+             "TRAINED_DIM": trained_dim, "SPLIT": splits > 1}
     if _INTERPRETED:
-        grid = (triton.cdiv(x2.shape[0], 16), triton.cdiv(n, 32))
+        grid = (triton.cdiv(m, 16), triton.cdiv(n, 32), splits)
         # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
         _regen_matmul_kernel[grid](*args, **flags, UPCAST=x.dtype == torch.bfloat16, BLOCK_M=16, BLOCK_N=32,
                                    BLOCK_K=32)
     else:
-        grid = lambda meta: (triton.cdiv(x2.shape[0], meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]))  # noqa
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa
         _regen_matmul_tuned[grid](*args, **flags, UPCAST=False, **_options())
-    return y.reshape(*x.shape[:-1], n)
+    out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
+    return out.reshape(*x.shape[:-1], n)
 
 
 def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_features: int, scale: float,
-                        normal: bool, transpose: bool) -> torch.Tensor:
+                        normal: bool, transpose: bool, splits: Optional[int] = None) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` with ``transpose``) with ``W`` regenerated in registers (see the module docstring).
 
     Args:
@@ -180,19 +228,24 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
         scale: uniform bound or normal standard deviation.
         normal: normal instead of uniform.
         transpose: multiply by ``W`` instead of ``W.T``.
+        splits: slices of the reduction run as separate programs whose float32 partial sums are then added
+            (split-K; each slice rounded to whole 64-step tiles); ``None``: :func:`split_k` on a GPU, 1 under the
+            interpreter.
 
     Returns:
         ``(..., out_features)`` (``(..., in_features)``), ``x``'s dtype and device; accumulated in float32.
 
     Raises:
-        ValueError: ``x``'s last dimension does not fit the weight, or its dtype is not float32/float16/bfloat16.
+        ValueError: ``x``'s last dimension does not fit the weight, its dtype is not float32/float16/bfloat16, or
+            ``splits < 1``.
     """
     k, n = (out_features, in_features) if transpose else (in_features, out_features)
-    return _matmul(x, k, n, transpose, seed, scale, "normal" if normal else "uniform")
+    return _matmul(x, k, n, transpose, seed, scale, "normal" if normal else "uniform", splits=splits)
 
 
 def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained_dim: int,
-                         seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
+                         seed: int, scale: float, kind: str, transpose: bool,
+                         splits: Optional[int] = None) -> torch.Tensor:
     """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch (paper 002, section 3: a fraction of
     the filters fixed at their random init or zero): the trainable rows (``trained_dim`` 0) or columns (1) of ``W``
     are loaded from ``trainable``, the frozen ones generated in registers at their counters ``o * in_features + i``
@@ -208,6 +261,7 @@ def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch
         seed, scale: the whole weight's Philox key and uniform bound (normal standard deviation).
         kind: ``"uniform"``, ``"normal"`` or ``"zero"``.
         transpose: multiply by ``W`` instead of ``W.T``.
+        splits: as :func:`triton_regen_matmul`.
 
     Returns:
         ``(..., out_features)`` (``(..., in_features)``), ``x``'s dtype and device; accumulated in float32.
@@ -218,11 +272,11 @@ def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch
     shape = frozen_weight_shape(trainable, source, trained_dim)
     k, n = shape if transpose else shape[::-1]
     return _matmul(x, k, n, transpose, seed, scale, kind, trainable=trainable, source=source,
-                   trained_dim=trained_dim)
+                   trained_dim=trained_dim, splits=splits)
 
 
 def triton_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, density: float,
-                   transpose: bool) -> torch.Tensor:
+                   transpose: bool, splits: Optional[int] = None) -> torch.Tensor:
     """``P @ x`` (``P.T @ x`` with ``transpose``) for the ``rows x cols`` projection ``kind`` of
     :mod:`seedrand.kernels.projection` (``gaussian``, ``sparse``, ``very_sparse``; Li et al. 2018, Achlioptas 2003,
     Li, Hastie & Church 2006), its tiles generated in registers: ``P`` is never written to memory. Entries equal the
@@ -231,6 +285,8 @@ def triton_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, 
     Args:
         x: ``(cols,)`` (``(rows,)``), float32; CUDA, or CPU under ``TRITON_INTERPRET=1``.
         seed: the projection's Philox key; density: ``very_sparse`` only.
+        splits: as :func:`triton_regen_matmul` (``P.T @ x`` sums over all ``rows``: :func:`split_k` spreads it
+            over the GPU).
 
     Returns:
         ``(rows,)`` (``(cols,)``) float32.
@@ -246,7 +302,7 @@ def triton_project(x: torch.Tensor, seed: int, rows: int, cols: int, kind: str, 
     else:
         raise ValueError(f"triton_project generates gaussian, sparse and very_sparse projections, not {kind!r}")
     k, n = (rows, cols) if transpose else (cols, rows)
-    return _matmul(x[None], k, n, transpose, seed, scale, dist, p / 2, 1 - p / 2)[0]
+    return _matmul(x[None], k, n, transpose, seed, scale, dist, p / 2, 1 - p / 2, splits=splits)[0]
 
 
 def triton_regen_weight(seed: int, shape: tuple[int, ...], scale: float, normal: bool, dtype: torch.dtype,
