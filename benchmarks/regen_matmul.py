@@ -2,8 +2,9 @@
 
 CUDA (when a GPU is present): ``seedrand::regen_matmul`` (the Triton kernel generating weight tiles in registers)
 against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 256, 4096} and K = N in
-{1024, 4096, 8192}, float16: time (ms, CUDA events via ``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s
-(bytes moved: x, y and, for the stored weight, W) and the time ratio; the split-K slices the op chose for the shape
+{1024, 4096, 8192}, float16 and float32 (full precision, torch's default): time (ms, CUDA events via
+``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s (bytes moved: x, y and, for the stored weight, W) and
+the time ratio; the split-K slices the op chose for the shape
 and the kernel's time without them; and ``seedrand::frozen_matmul`` for a ``freeze_fraction`` layer with 90% of its
 filters frozen (10% of the rows loaded, the rest generated, one launch). Then ``P.T @ g`` of a subspace layer (the
 gradient of ``theta_d``: ``d`` outputs, each a sum over ``D`` rows) against a stored ``P``, with and without split-K.
@@ -18,6 +19,7 @@ Run: python benchmarks/regen_matmul.py [--cpu-only]
 """
 
 import argparse
+import itertools
 import statistics
 import time
 
@@ -39,17 +41,18 @@ def cuda_table() -> None:
     from seedrand.kernels.triton_regen import _sms, split_k, triton_project, triton_regen_matmul
 
     sms = _sms(torch.device("cuda"))
-    print(f"{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}{'regen TFLOP/s':>15}"
-          f"{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'slices':>8}{'1 slice ms':>12}"
-          f"{'ff90 ms':>9}{'ff90/stored':>13}")
-    for kn in (1024, 4096, 8192):
-        w = torch.randn(kn, kn, device="cuda", dtype=torch.float16) * 0.01
+    print(f"{'dtype':>9}{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}"
+          f"{'regen TFLOP/s':>15}{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'slices':>8}"
+          f"{'1 slice ms':>12}{'ff90 ms':>9}{'ff90/stored':>13}")
+    for dtype, kn in itertools.product((torch.float16, torch.float32), (1024, 4096, 8192)):
+        w = torch.randn(kn, kn, device="cuda", dtype=dtype) * 0.01
         trained = torch.arange(0, kn, 10, device="cuda")  # every tenth filter trains
         source = torch.full((kn,), -1, device="cuda")
         source[trained] = torch.arange(len(trained), device="cuda")
         trainable = w[trained]
+        size = w.element_size()
         for m in (1, 16, 256, 4096):
-            x = torch.randn(m, kn, device="cuda", dtype=torch.float16)
+            x = torch.randn(m, kn, device="cuda", dtype=dtype)
             stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
             regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False,
                                                                  DEFAULT_CHUNK_BYTES))
@@ -57,9 +60,10 @@ def cuda_table() -> None:
             unsplit = triton.testing.do_bench(lambda: triton_regen_matmul(x, 7, kn, kn, 0.01, False, False, 1))
             frozen = triton.testing.do_bench(lambda: frozen_matmul(x, trainable, source, trained, 0, 7, 0.01,
                                                                    "uniform", False))
-            flops, io = 2 * m * kn * kn, 2 * (2 * m * kn)
-            print(f"{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}{flops / regen / 1e9:>15.2f}"
-                  f"{(io + 2 * kn * kn) / stored / 1e6:>13.1f}{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}"
+            flops, io = 2 * m * kn * kn, size * (2 * m * kn)
+            print(f"{str(dtype)[6:]:>9}{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}"
+                  f"{flops / regen / 1e9:>15.2f}{(io + size * kn * kn) / stored / 1e6:>13.1f}"
+                  f"{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}"
                   f"{split_k(m, kn, kn, sms):>8}{unsplit:>12.3f}{frozen:>9.3f}{frozen / stored:>13.2f}")
     print("\nsubspace P.T @ g (float32; P: D x d Gaussian, generated; stored: P in memory, torch.mv)")
     print(f"{'D':>10}{'d':>6}{'stored ms':>11}{'regen ms':>10}{'slices':>8}{'1 slice ms':>12}")

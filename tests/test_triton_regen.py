@@ -8,8 +8,8 @@ import torch
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import frozen_matmul, regen_conv, regen_matmul, regen_matmul_reference
 from seedrand.kernels.projection import subspace_project
-from seedrand.kernels.triton_regen import (split_k, triton_frozen_matmul, triton_project, triton_regen_matmul,
-                                          triton_regen_weight)
+from seedrand.kernels.triton_regen import (_CONFIGS, _FP32_CONFIGS, split_k, triton_frozen_matmul, triton_project,
+                                          triton_regen_matmul, triton_regen_weight)
 
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.float16: (2e-3, 2e-3), torch.bfloat16: (2e-2, 2e-2)}
 
@@ -39,11 +39,12 @@ def test_matmul_equals_reference(dtype, transpose, batch, out_features, in_featu
     torch.testing.assert_close(got.float(), expected.float(), rtol=rtol, atol=atol)
 
 
-def assert_tiles_are_the_weight(out_features, in_features, transpose, normal, splits=None):
+def assert_tiles_are_the_weight(out_features, in_features, transpose, normal, splits=None, config=None):
     """Multiplied by an identity, the kernel returns the tiles it generated: the reference weight bit for bit."""
     w = sample(77, (out_features, in_features), "normal" if normal else "uniform", 0.4)
     eye = torch.eye(out_features if transpose else in_features)
-    got = triton_regen_matmul(eye, 77, out_features, in_features, 0.4, normal, transpose, splits=splits)
+    got = triton_regen_matmul(eye, 77, out_features, in_features, 0.4, normal, transpose, splits=splits,
+                              config=config)
     expected = w if transpose else w.T
     if normal:  # Box-Muller's log/cos: libm and the interpreter's numpy may differ in the last bit
         torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
@@ -58,6 +59,20 @@ def test_matmul_tiles_are_the_weight(out_features, in_features, transpose, norma
     """The tiles generated inside the matmul are the reference weight bit for bit, both where a row of W is whole
     Philox blocks (in_features % 4 == 0: four values per block) and where it is not."""
     assert_tiles_are_the_weight(out_features, in_features, transpose, normal)
+
+
+def _tiles(config):
+    return "{BLOCK_M}x{BLOCK_N}x{BLOCK_K}".format(**config.kwargs) + f"w{config.num_warps}"
+
+
+@pytest.mark.parametrize("config", list({_tiles(c): c for c in _CONFIGS + _FP32_CONFIGS}.values()), ids=_tiles)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_every_autotuning_configuration_generates_the_weight(config, transpose):
+    """Each tile shape the autotuner may pick, for 16-bit and float32 inputs (BLOCK_K 8 to 64: an aligned row of
+    the tile is 2 to 16 Philox blocks of four weights) generates the weight bit for bit, aligned and not, with
+    partial edge tiles."""
+    for out_features, in_features in [(70, 136), (45, 37)]:
+        assert_tiles_are_the_weight(out_features, in_features, transpose, False, config=config)
 
 
 @pytest.mark.parametrize("normal", [False, True])

@@ -67,10 +67,10 @@ def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: 
 def variants() -> list[Variant]:
     """The variants the launchers can ask for: ``regen_matmul`` (uniform, normal), ``frozen_matmul`` (zero, uniform,
     normal; trainable rows or columns, of the input's dtype or float32), ``subspace_project`` (normal, ternary;
-    float32), each both directions, aligned or not, in float32/float16/bfloat16 where the op takes them; float32
-    partial sums of a float16/bfloat16 input (split-K); every autotuning configuration once; the weight fill
-    (``regen_conv``) and Triton's Philox fill."""
-    from .triton_regen import _CONFIGS
+    float32), each both directions, aligned or not, in float32/float16/bfloat16 where the op takes them; a sample
+    of them split-K (float32 partial sums); every autotuning configuration of 16-bit and of float32 inputs once;
+    the weight fill (``regen_conv``) and Triton's Philox fill."""
+    from .triton_regen import _CONFIGS, _FP32_CONFIGS
 
     out = []
     for dtype, transpose, aligned in itertools.product(_FLOATS, (False, True), (False, True)):
@@ -83,10 +83,11 @@ def variants() -> list[Variant]:
                 for dist, dim in ((1, -1), (2, -1), (1, 0), (2, 1)) + (((3, -1),) if dtype == "fp32" else ())]
     out += [_matmul("fp16", 1, False, True, 0, trainable="fp32")]
     out += [_matmul("fp16", 1, False, True, -1, seed=seed) for seed in ("i32", "u64")]
-    for config in _CONFIGS:
-        block = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
-                 config.num_stages)
-        out += [_matmul("fp16", 1, transpose, True, -1, block=block) for transpose in (False, True)]
+    for dtype, configs in (("fp16", _CONFIGS), ("fp32", _FP32_CONFIGS)):
+        for config in configs:
+            block = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
+                     config.num_stages)
+            out += [_matmul(dtype, 1, transpose, True, -1, block=block) for transpose in (False, True)]
     for dtype, dist, aligned, start in itertools.product(_FLOATS, (1, 2), (False, True), ("i32", "i64")):
         signature = {"out_ptr": f"*{dtype}", "n": "i32", "start": start, "seed": "i64", "scale": "fp32",
                      "DIST": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}

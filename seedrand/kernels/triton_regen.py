@@ -129,13 +129,27 @@ def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, K_SPLIT, stride_
              mask=(rm[:, None] < M) & (rn[None, :] < N))
 
 
-_CONFIGS = [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
-            for m, n, k, w, s in [(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
-                                  (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)]]
-_regen_matmul_tuned = triton.autotune(configs=_CONFIGS, key=["M", "N", "K", "K_SPLIT", "DIST", "TRANSPOSE",
-                                                             "ALIGNED", "TRAINED_DIM"])(_regen_matmul_kernel)
-# a slice of the reduction is whole BLOCK_K steps of every configuration (the largest BLOCK_K of _CONFIGS)
+def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config]:
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}, num_warps=w, num_stages=s)
+            for m, n, k, w, s in blocks]
+
+
+# tensor-core tiles, for float16/bfloat16 inputs
+_CONFIGS = _configs([(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
+                     (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)])
+# float32 inputs multiply in full precision on the FMA units (input_precision="ieee"), where every tile above hits
+# 255 registers and spills: 450-940 bytes of stack per thread for the two smallest, 1.9-5.3 KB for the others (sm_90,
+# benchmarks/triton_resources.py --all). These K steps of 8-16 fit in 113-243 registers without spilling; the two
+# smallest tiles above stay for the autotuner to compare
+_FP32_CONFIGS = _CONFIGS[:2] + _configs([(16, 64, 16, 4, 3), (32, 64, 16, 4, 3), (64, 64, 16, 8, 3),
+                                         (32, 128, 16, 8, 3), (64, 64, 8, 4, 3)])
+_KEY = ["M", "N", "K", "K_SPLIT", "DIST", "TRANSPOSE", "ALIGNED", "TRAINED_DIM"]
+_TUNED = {False: triton.autotune(configs=_CONFIGS, key=_KEY)(_regen_matmul_kernel),
+          True: triton.autotune(configs=_FP32_CONFIGS, key=_KEY)(_regen_matmul_kernel)}
+# a slice of the reduction is whole BLOCK_K steps of every configuration (the largest BLOCK_K of both sets)
 _K_STEP = 64
+# the interpreter neither benchmarks nor compiles: one configuration, small tiles
+_INTERPRETER_CONFIG = _configs([(16, 32, 32, 4, 3)])[0]
 
 
 def split_k(m: int, n: int, k: int, sms: int) -> int:
@@ -181,8 +195,8 @@ def _options() -> dict:
 
 def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: float, dist: str,
             lo: float = 0.0, hi: float = 0.0, trainable: Optional[torch.Tensor] = None,
-            source: Optional[torch.Tensor] = None, trained_dim: int = -1,
-            splits: Optional[int] = None) -> torch.Tensor:
+            source: Optional[torch.Tensor] = None, trained_dim: int = -1, splits: Optional[int] = None,
+            config: Optional[triton.Config] = None) -> torch.Tensor:
     """Launch the kernel on ``x`` ``(..., k)`` -> ``(..., n)`` (checks as :func:`triton_regen_matmul`)."""
     if x.shape[-1] != k:
         raise ValueError(f"triton_regen_matmul: x has last dimension {x.shape[-1]}, the weight needs {k}")
@@ -204,20 +218,23 @@ def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: 
     # the weight's rows are whole Philox blocks when in_features (n transposed, else k) is a multiple of 4
     flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "ALIGNED": (n if transpose else k) % 4 == 0,
              "TRAINED_DIM": trained_dim, "SPLIT": splits > 1}
-    if _INTERPRETED:
-        grid = (triton.cdiv(m, 16), triton.cdiv(n, 32), splits)
-        # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
-        _regen_matmul_kernel[grid](*args, **flags, UPCAST=x.dtype == torch.bfloat16, BLOCK_M=16, BLOCK_N=32,
-                                   BLOCK_K=32)
+    grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
+    if config is None and not _INTERPRETED:
+        _TUNED[x.dtype == torch.float32][grid](*args, **flags, UPCAST=False, **_options())
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa
-        _regen_matmul_tuned[grid](*args, **flags, UPCAST=False, **_options())
+        config = config or _INTERPRETER_CONFIG
+        options = {} if _INTERPRETED else {"num_warps": config.num_warps, "num_stages": config.num_stages,
+                                           **_options()}
+        # the interpreter's dot is wrong for bfloat16 (numpy has no such type): multiply in float32 there
+        _regen_matmul_kernel[grid](*args, **flags, UPCAST=_INTERPRETED and x.dtype == torch.bfloat16,
+                                   **config.kwargs, **options)
     out = y[0] if splits == 1 else y.sum(0).to(x.dtype)
     return out.reshape(*x.shape[:-1], n)
 
 
 def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_features: int, scale: float,
-                        normal: bool, transpose: bool, splits: Optional[int] = None) -> torch.Tensor:
+                        normal: bool, transpose: bool, splits: Optional[int] = None,
+                        config: Optional[triton.Config] = None) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` with ``transpose``) with ``W`` regenerated in registers (see the module docstring).
 
     Args:
@@ -231,6 +248,9 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
         splits: slices of the reduction run as separate programs whose float32 partial sums are then added
             (split-K; each slice rounded to whole 64-step tiles); ``None``: :func:`split_k` on a GPU, 1 under the
             interpreter.
+        config: tiles (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``; ``BLOCK_K`` a multiple of 4 dividing 64), warps and
+            stages to launch with instead of the autotuned ones (benchmarks, and tests of each configuration's tiles
+            under the interpreter); ``None``: autotuned on a GPU, 16 x 32 x 32 tiles under the interpreter.
 
     Returns:
         ``(..., out_features)`` (``(..., in_features)``), ``x``'s dtype and device; accumulated in float32.
@@ -240,7 +260,7 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
             ``splits < 1``.
     """
     k, n = (out_features, in_features) if transpose else (in_features, out_features)
-    return _matmul(x, k, n, transpose, seed, scale, "normal" if normal else "uniform", splits=splits)
+    return _matmul(x, k, n, transpose, seed, scale, "normal" if normal else "uniform", splits=splits, config=config)
 
 
 def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained_dim: int,
