@@ -7,6 +7,7 @@ import torch
 
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import frozen_matmul, regen_conv, regen_matmul, regen_matmul_reference
+from seedrand.kernels import triton_regen
 from seedrand.kernels.projection import subspace_project
 from seedrand.kernels.triton_regen import (_CONFIGS, _FP32_CONFIGS, split_k, triton_frozen_matmul, triton_project,
                                           triton_regen_matmul, triton_regen_weight)
@@ -155,6 +156,30 @@ def test_project_equals_reference(kind, transpose, splits):
                                atol=1e-6)
 
 
+def test_float32_multiplies_as_torchs_matmul_is_set(monkeypatch):
+    """float32 inputs multiply in full precision by default and in TF32 once torch allows it for matmuls
+    (``torch.set_float32_matmul_precision("high")``); 16-bit inputs are not affected. The interpreter's dot ignores
+    the precision, so the launch's flags are what is checked."""
+    launched = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *args, **flags: launched.append((args[0].dtype, flags["PRECISION"]))
+
+    monkeypatch.setattr(triton_regen, "_regen_matmul_kernel", Spy())
+    x, matmul = torch.randn(2, 8), torch.backends.cuda.matmul
+    default = matmul.fp32_precision  # a computed attribute: monkeypatch cannot restore it
+    try:
+        for precision in ("ieee", "tf32"):
+            matmul.fp32_precision = precision
+            for dtype in (torch.float32, torch.float16):
+                triton_regen_matmul(x.to(dtype), 1, 4, 8, 0.1, False, False)
+    finally:
+        matmul.fp32_precision = default
+    assert launched == [(torch.float32, "ieee"), (torch.float16, "ieee"), (torch.float32, "tf32"),
+                        (torch.float16, "ieee")]
+
+
 def test_cuda_kernels_are_registered():
     for op in ("regen_matmul", "frozen_matmul", "subspace_project"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seedrand::{op}", "CUDA"), op
@@ -170,8 +195,18 @@ def test_bad_input():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cuda_ops_match_cpu(dtype):
+@pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
+                                             (torch.bfloat16, "ieee")])
+def test_cuda_ops_match_cpu(dtype, precision):
+    matmul = torch.backends.cuda.matmul
+    default, matmul.fp32_precision = matmul.fp32_precision, precision  # tf32: float32 on the tensor cores
+    try:
+        check_cuda_ops_match_cpu(dtype)
+    finally:
+        matmul.fp32_precision = default
+
+
+def check_cuda_ops_match_cpu(dtype):
     x, gemv = torch.randn(64, 96, dtype=dtype), torch.randn(2, 4096, dtype=dtype)  # gemv: split-K on the GPU
     for inputs, op_args in ((x, (7, 48, 96, 0.1, False, False, 2**20)), (gemv, (7, 48, 4096, 0.1, False, False, 2**20)),
                             (gemv, (7, 4096, 48, 0.1, True, True, 2**20))):

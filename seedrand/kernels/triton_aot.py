@@ -47,10 +47,10 @@ class Variant(NamedTuple):
 
 def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: int, seed: str = "i64",
             trainable: str | None = None, block: tuple[int, int, int, int, int] = (64, 64, 32, 4, 3),
-            partial: bool = False) -> Variant:
+            partial: bool = False, tf32: bool = False) -> Variant:
     m, n, k, warps, stages = block
     flags = {"DIST": dist, "TRANSPOSE": transpose, "ALIGNED": aligned, "TRAINED_DIM": trained_dim, "SPLIT": partial,
-             "UPCAST": False, "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
+             "UPCAST": False, "PRECISION": "tf32" if tf32 else "ieee", "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
     frozen = trained_dim >= 0  # without a trainable slice the launcher passes x for both pointers
     # split-K launches write float32 partial sums whatever x's dtype (the float32 ones are the same variant)
     signature = {"x_ptr": f"*{dtype}", "y_ptr": "*fp32" if partial else f"*{dtype}",
@@ -59,7 +59,7 @@ def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: 
                  "seed": seed, "scale": "fp32", "lo": "fp32", "hi": "fp32", **dict.fromkeys(flags, "constexpr")}
     name = (f"matmul {dtype} DIST={dist} TRANSPOSE={transpose:d} ALIGNED={aligned:d} TRAINED_DIM={trained_dim}"
             + (f" trainable {trainable}" if trainable else "") + (f" seed {seed}" if seed != "i64" else "")
-            + (" partial fp32" if partial else "")
+            + (" partial fp32" if partial else "") + (" tf32" if tf32 else "")
             + f" blocks {m}x{n}x{k} warps {warps} stages {stages}")
     return Variant(name, "seedrand.kernels.triton_regen", "_regen_matmul_kernel", signature, flags, warps, stages)
 
@@ -68,8 +68,8 @@ def variants() -> list[Variant]:
     """The variants the launchers can ask for: ``regen_matmul`` (uniform, normal), ``frozen_matmul`` (zero, uniform,
     normal; trainable rows or columns, of the input's dtype or float32), ``subspace_project`` (normal, ternary;
     float32), each both directions, aligned or not, in float32/float16/bfloat16 where the op takes them; a sample
-    of them split-K (float32 partial sums); every autotuning configuration of 16-bit and of float32 inputs once;
-    the weight fill (``regen_conv``) and Triton's Philox fill."""
+    of them split-K (float32 partial sums); float32 in TF32; every autotuning configuration of 16-bit, float32
+    and TF32 inputs once; the weight fill (``regen_conv``) and Triton's Philox fill."""
     from .triton_regen import _CONFIGS, _FP32_CONFIGS
 
     out = []
@@ -83,11 +83,15 @@ def variants() -> list[Variant]:
                 for dist, dim in ((1, -1), (2, -1), (1, 0), (2, 1)) + (((3, -1),) if dtype == "fp32" else ())]
     out += [_matmul("fp16", 1, False, True, 0, trainable="fp32")]
     out += [_matmul("fp16", 1, False, True, -1, seed=seed) for seed in ("i32", "u64")]
-    for dtype, configs in (("fp16", _CONFIGS), ("fp32", _FP32_CONFIGS)):
+    for dtype, tf32, configs in (("fp16", False, _CONFIGS), ("fp32", False, _FP32_CONFIGS), ("fp32", True, _CONFIGS)):
         for config in configs:
             block = (config.kwargs["BLOCK_M"], config.kwargs["BLOCK_N"], config.kwargs["BLOCK_K"], config.num_warps,
                      config.num_stages)
-            out += [_matmul(dtype, 1, transpose, True, -1, block=block) for transpose in (False, True)]
+            out += [_matmul(dtype, 1, transpose, True, -1, block=block, tf32=tf32) for transpose in (False, True)]
+    # float32 in TF32 (torch.set_float32_matmul_precision("high")): the tensor-core tiles, as float16
+    for transpose, aligned in itertools.product((False, True), (False, True)):
+        out += [_matmul("fp32", dist, transpose, aligned, dim, tf32=True) for dist in (1, 2) for dim in (-1, 0, 1)]
+        out += [_matmul("fp32", dist, transpose, aligned, -1, tf32=True, partial=True) for dist in (1, 3)]
     for dtype, dist, aligned, start in itertools.product(_FLOATS, (1, 2), (False, True), ("i32", "i64")):
         signature = {"out_ptr": f"*{dtype}", "n": "i32", "start": start, "seed": "i64", "scale": "fp32",
                      "DIST": "constexpr", "ALIGNED": "constexpr", "BLOCK": "constexpr"}

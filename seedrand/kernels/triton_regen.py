@@ -7,7 +7,8 @@ traffic): a matmul with a weight that is never loaded, and a fill for the weight
   ``BLOCK_M x BLOCK_N`` output tile and walks the reduction in ``BLOCK_K`` steps: it loads the ``x`` tile and
   generates the weight tile instead of loading it: where ``in_features`` is a multiple of 4, a row of ``W`` is whole
   Philox blocks and each ``tl.randint4x`` gives four weights (interleaved into the tile), else one block per weight;
-  products accumulate in float32 and the result is stored in ``x``'s dtype. Backward (``dx = dy @ W``) is the same
+  products accumulate in float32 and the result is stored in ``x``'s dtype; float32 inputs multiply in full
+  precision, or in TF32 where torch's matmul is allowed to (``torch.backends.cuda.matmul.fp32_precision``). Backward (``dx = dy @ W``) is the same
   kernel with ``transpose`` flipped; ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x``
   are handled; block sizes are autotuned on GPUs. Where the output has fewer tiles than the GPU has SMs (a small
   batch; ``P.T @ g``), the reduction is split over several programs (split-K, :func:`split_k`) whose float32
@@ -84,8 +85,8 @@ def _weight_rows(seed, first, scale, lo, hi, DIST: tl.constexpr, ROWS: tl.conste
 def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, K_SPLIT, stride_xm, stride_xk, stride_ys,
                          stride_ym, stride_yn, stride_t0, stride_t1, seed, scale, lo, hi, DIST: tl.constexpr,
                          TRANSPOSE: tl.constexpr, ALIGNED: tl.constexpr, TRAINED_DIM: tl.constexpr,
-                         SPLIT: tl.constexpr, UPCAST: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                         BLOCK_K: tl.constexpr):
+                         SPLIT: tl.constexpr, UPCAST: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     # y[m, n] = sum_k x[m, k] * Wt[k, n], Wt = W.T (transposed: W); W[o, i] is generated at counter o * in + i or,
     # along TRAINED_DIM (0: rows o, 1: columns i; -1: none) where src >= 0, loaded from t[src, i] (t[o, src])
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
@@ -121,8 +122,8 @@ def _regen_matmul_kernel(x_ptr, y_ptr, t_ptr, src_ptr, M, N, K, K_SPLIT, stride_
             offset = src * stride_t0 + i * stride_t1 if TRAINED_DIM == 0 else o * stride_t0 + src * stride_t1
             w = tl.where(trained, tl.load(t_ptr + offset, mask=inside & trained, other=0.0).to(tl.float32), w)
         w = tl.where(inside, w, 0.0)
-        if UPCAST or x.dtype == tl.float32:  # full float32 products, as torch's matmul (no TF32)
-            acc = tl.dot(x.to(tl.float32), w, acc, input_precision="ieee")
+        if UPCAST or x.dtype == tl.float32:  # float32 products, "ieee" or "tf32" as torch's matmul is set
+            acc = tl.dot(x.to(tl.float32), w, acc, input_precision=PRECISION)
         else:
             acc = tl.dot(x, w.to(x.dtype), acc)
     tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :] * stride_yn, acc.to(y_ptr.dtype.element_ty),
@@ -134,7 +135,7 @@ def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config
             for m, n, k, w, s in blocks]
 
 
-# tensor-core tiles, for float16/bfloat16 inputs
+# tensor-core tiles, for float16/bfloat16 inputs and float32 ones multiplied in TF32
 _CONFIGS = _configs([(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                      (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)])
 # float32 inputs multiply in full precision on the FMA units (input_precision="ieee"), where every tile above hits
@@ -215,12 +216,15 @@ def _matmul(x: torch.Tensor, k: int, n: int, transpose: bool, seed: int, scale: 
     t = x2 if trainable is None else trainable
     args = (x2, y, t, x2 if source is None else source, m, n, k, k_split, x2.stride(0), x2.stride(1), y.stride(0),
             y.stride(1), y.stride(2), t.stride(0), t.stride(1), seed, scale, lo, hi)
+    # float32 multiplies as torch's matmul is set (the flag Inductor reads): full precision on the FMA units by
+    # default, TF32 tensor cores after torch.set_float32_matmul_precision("high")
+    tf32 = x.dtype == torch.float32 and torch.backends.cuda.matmul.fp32_precision == "tf32"
     # the weight's rows are whole Philox blocks when in_features (n transposed, else k) is a multiple of 4
     flags = {"DIST": _DISTS[dist], "TRANSPOSE": transpose, "ALIGNED": (n if transpose else k) % 4 == 0,
-             "TRAINED_DIM": trained_dim, "SPLIT": splits > 1}
+             "TRAINED_DIM": trained_dim, "SPLIT": splits > 1, "PRECISION": "tf32" if tf32 else "ieee"}
     grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(n, meta["BLOCK_N"]), splits)  # noqa: E731
     if config is None and not _INTERPRETED:
-        _TUNED[x.dtype == torch.float32][grid](*args, **flags, UPCAST=False, **_options())
+        _TUNED[x.dtype == torch.float32 and not tf32][grid](*args, **flags, UPCAST=False, **_options())
     else:
         config = config or _INTERPRETER_CONFIG
         options = {} if _INTERPRETED else {"num_warps": config.num_warps, "num_stages": config.num_stages,
