@@ -1,13 +1,15 @@
 """Regenerate-and-multiply against multiply-by-a-stored-weight.
 
-CUDA (when a GPU is present): ``seedrand::regen_matmul`` (the Triton kernel generating weight tiles in registers)
+CUDA (when a GPU is present): ``seedrand::regen_matmul`` (weight tiles generated in registers, or in chunks of rows)
 against ``torch.nn.functional.linear`` with a stored weight, for M in {1, 16, 256, 4096} and K = N in
 {1024, 4096, 8192}, float16 and float32 (full precision, torch's default): time (ms, CUDA events via
 ``triton.testing.do_bench``), TFLOP/s (2 M N K / time), GB/s (bytes moved: x, y and, for the stored weight, W) and
-the time ratio; the split-K slices the op chose for the shape
-and the kernel's time without them; and ``seedrand::frozen_matmul`` for a ``freeze_fraction`` layer with 90% of its
-filters frozen (10% of the rows loaded, the rest generated, one launch). Then ``P.T @ g`` of a subspace layer (the
-gradient of ``theta_d``: ``d`` outputs, each a sum over ``D`` rows) against a stored ``P``, with and without split-K.
+the time ratio; both paths of the op at every M (it runs the fused kernel up to ``FUSED_MAX_ROWS`` rows, the
+blockwise product above, a choice made from a count of issue rates that these figures test): the fused kernel with
+the split-K slices it chose and without them, and the blockwise product (chunks of rows by the Triton fill, cuBLAS);
+and ``seedrand::frozen_matmul`` for a ``freeze_fraction`` layer with 90% of its filters frozen (10% of the rows
+loaded, the rest generated). Then ``P.T @ g`` of a subspace layer (the gradient of ``theta_d``: ``d`` outputs,
+each a sum over ``D`` rows) against a stored ``P``, with and without split-K.
 
 CPU (always): regeneration throughput of the numba Philox (G values/s, median and best of many 4 MiB blocks, the
 path ``regen_matmul`` takes; beside it, the kernel alone writing into one preallocated block: the gap is Python, the
@@ -37,13 +39,15 @@ from seedrand.passes.regenerated import Regenerating
 def cuda_table() -> None:
     import triton.testing
 
+    from seedrand.kernels.ops import FUSED_MAX_ROWS, regen_matmul_reference
     from seedrand.kernels.projection import subspace_project
     from seedrand.kernels.triton_regen import _sms, split_k, triton_project, triton_regen_matmul
 
     sms = _sms(torch.device("cuda"))
+    print(f"regen_matmul runs the fused kernel up to {FUSED_MAX_ROWS} rows (M), the blockwise product above")
     print(f"{'dtype':>9}{'M':>6}{'K=N':>7}{'stored ms':>11}{'regen ms':>10}{'stored TFLOP/s':>16}"
-          f"{'regen TFLOP/s':>15}{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'slices':>8}"
-          f"{'1 slice ms':>12}{'ff90 ms':>9}{'ff90/stored':>13}")
+          f"{'regen TFLOP/s':>15}{'stored GB/s':>13}{'regen GB/s':>12}{'regen/stored':>14}{'fused ms':>10}"
+          f"{'slices':>8}{'1 slice ms':>12}{'blockwise ms':>14}{'ff90 ms':>9}{'ff90/stored':>13}")
     for dtype, kn in itertools.product((torch.float16, torch.float32), (1024, 4096, 8192)):
         w = torch.randn(kn, kn, device="cuda", dtype=dtype) * 0.01
         trained = torch.arange(0, kn, 10, device="cuda")  # every tenth filter trains
@@ -53,18 +57,20 @@ def cuda_table() -> None:
         size = w.element_size()
         for m in (1, 16, 256, 4096):
             x = torch.randn(m, kn, device="cuda", dtype=dtype)
+            args = (7, kn, kn, 0.01, False, False)
             stored = triton.testing.do_bench(lambda: torch.nn.functional.linear(x, w))
-            regen = triton.testing.do_bench(lambda: regen_matmul(x, 7, kn, kn, 0.01, False, False,
-                                                                 DEFAULT_CHUNK_BYTES))
-            # the same kernel without split-K (regen_matmul slices the reduction where the output is small)
-            unsplit = triton.testing.do_bench(lambda: triton_regen_matmul(x, 7, kn, kn, 0.01, False, False, 1))
+            regen = triton.testing.do_bench(lambda: regen_matmul(x, *args, DEFAULT_CHUNK_BYTES))
+            # both paths of the op at every M: the fused kernel with and without split-K, and the blockwise product
+            fused = triton.testing.do_bench(lambda: triton_regen_matmul(x, *args))
+            unsplit = triton.testing.do_bench(lambda: triton_regen_matmul(x, *args, 1))
+            blockwise = triton.testing.do_bench(lambda: regen_matmul_reference(x, *args, DEFAULT_CHUNK_BYTES))
             frozen = triton.testing.do_bench(lambda: frozen_matmul(x, trainable, source, trained, 0, 7, 0.01,
                                                                    "uniform", False))
             flops, io = 2 * m * kn * kn, size * (2 * m * kn)
             print(f"{str(dtype)[6:]:>9}{m:>6}{kn:>7}{stored:>11.3f}{regen:>10.3f}{flops / stored / 1e9:>16.2f}"
                   f"{flops / regen / 1e9:>15.2f}{(io + size * kn * kn) / stored / 1e6:>13.1f}"
-                  f"{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}"
-                  f"{split_k(m, kn, kn, sms):>8}{unsplit:>12.3f}{frozen:>9.3f}{frozen / stored:>13.2f}")
+                  f"{io / regen / 1e6:>12.1f}{regen / stored:>14.2f}{fused:>10.3f}{split_k(m, kn, kn, sms):>8}"
+                  f"{unsplit:>12.3f}{blockwise:>14.3f}{frozen:>9.3f}{frozen / stored:>13.2f}")
     print("\nsubspace P.T @ g (float32; P: D x d Gaussian, generated; stored: P in memory, torch.mv)")
     print(f"{'D':>10}{'d':>6}{'stored ms':>11}{'regen ms':>10}{'slices':>8}{'1 slice ms':>12}")
     for big, d in ((1 << 20, 1000), (1 << 24, 100)):

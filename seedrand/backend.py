@@ -11,8 +11,8 @@ Linear/Conv layers (their ops become the regenerate ops, with the keys ``seedran
 to Inductor (forward and backward through AOTAutograd), or with ``options={"inductor": False}`` runs through
 AOTAutograd with eager kernels (for debugging). seedrand's regenerate ops (``seedrand::regen_matmul``,
 ``seedrand::frozen_matmul``, ``seedrand::regen_conv``, ``seedrand::subspace_project``) stay single opaque nodes
-that Inductor calls: on CUDA tensors they run their Triton kernels (weight tiles generated in registers), on the CPU
-the numba Philox path.
+that Inductor calls: on CUDA tensors they run their Triton kernels (weight tiles generated in registers for small
+batches, chunks of rows filled for cuBLAS above), on the CPU the numba Philox path.
 """
 
 from __future__ import annotations

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from seedrand.kernels.init import sample
-from seedrand.kernels.ops import frozen_matmul, regen_conv, regen_matmul, regen_matmul_reference
-from seedrand.kernels import triton_regen
+from seedrand.kernels.ops import (FUSED_MAX_ROWS, frozen_matmul, frozen_matmul_reference, regen_conv, regen_matmul,
+                                  regen_matmul_reference)
+from seedrand.kernels import ops, triton_regen
 from seedrand.kernels.projection import subspace_project
 from seedrand.kernels.triton_regen import (_CONFIGS, _FP32_CONFIGS, split_k, triton_frozen_matmul, triton_project,
                                           triton_regen_matmul, triton_regen_weight)
@@ -180,6 +181,25 @@ def test_float32_multiplies_as_torchs_matmul_is_set(monkeypatch):
                         (torch.float16, "ieee")]
 
 
+@pytest.mark.parametrize("batch", [(2, FUSED_MAX_ROWS // 2), (FUSED_MAX_ROWS + 1,)])
+def test_cuda_matmuls_fuse_small_batches_only(batch, monkeypatch):
+    """The CUDA kernels of regen_matmul and frozen_matmul (called on CPU tensors: the Triton kernel runs under the
+    interpreter) run the fused kernel up to FUSED_MAX_ROWS rows of x, counted over all leading dimensions, and the
+    blockwise product above; both give the reference's result."""
+    launches = []
+    launch = triton_regen._matmul
+    monkeypatch.setattr(triton_regen, "_matmul", lambda *args, **kwargs: launches.append(1) or launch(*args, **kwargs))
+    x = torch.randn(*batch, 24, generator=torch.Generator().manual_seed(3))
+    args = (5, 10, 24, 0.3, False, False, 2**20)
+    torch.testing.assert_close(ops._regen_matmul_cuda(x, *args), regen_matmul_reference(x, *args), rtol=1e-5,
+                               atol=1e-5)
+    source = torch.tensor([0, -1, 1, 2, -1, 3, 4, -1, -1, 5])  # rows 1, 4, 7 and 8 of W frozen
+    frozen = (torch.randn(6, 24), source, (source >= 0).nonzero().squeeze(1), 0, 9, 0.2, "uniform", False)
+    torch.testing.assert_close(ops._frozen_matmul_cuda(x, *frozen), frozen_matmul_reference(x, *frozen), rtol=1e-5,
+                               atol=1e-5)
+    assert len(launches) == (2 if x[..., 0].numel() <= FUSED_MAX_ROWS else 0)
+
+
 def test_cuda_kernels_are_registered():
     for op in ("regen_matmul", "frozen_matmul", "subspace_project"):
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"seedrand::{op}", "CUDA"), op
@@ -208,14 +228,17 @@ def test_cuda_ops_match_cpu(dtype, precision):
 
 def check_cuda_ops_match_cpu(dtype):
     x, gemv = torch.randn(64, 96, dtype=dtype), torch.randn(2, 4096, dtype=dtype)  # gemv: split-K on the GPU
+    big = torch.randn(FUSED_MAX_ROWS + 44, 96, dtype=dtype)  # the blockwise product, chunks from the Triton fill
     for inputs, op_args in ((x, (7, 48, 96, 0.1, False, False, 2**20)), (gemv, (7, 48, 4096, 0.1, False, False, 2**20)),
-                            (gemv, (7, 4096, 48, 0.1, True, True, 2**20))):
+                            (gemv, (7, 4096, 48, 0.1, True, True, 2**20)), (big, (7, 48, 96, 0.1, True, False, 2**12))):
         torch.testing.assert_close(regen_matmul(inputs.cuda(), *op_args).cpu().float(),
                                    regen_matmul(inputs, *op_args).float(), rtol=2e-2, atol=2e-2)
     trainable, source, trained = torch.randn(40, 96), torch.arange(-8, 40).clamp_min(-1), torch.arange(8, 48)
-    frozen = (x, trainable, source, trained, 0, 3, 0.1, "uniform", False)
-    torch.testing.assert_close(frozen_matmul(*[a.cuda() if torch.is_tensor(a) else a for a in frozen]).cpu().float(),
-                               frozen_matmul(*frozen).float(), rtol=2e-2, atol=2e-2)
+    for inputs in (x, big):
+        frozen = (inputs, trainable, source, trained, 0, 3, 0.1, "uniform", False)
+        on_gpu = [a.cuda() if torch.is_tensor(a) else a for a in frozen]
+        torch.testing.assert_close(frozen_matmul(*on_gpu).cpu().float(), frozen_matmul(*frozen).float(), rtol=2e-2,
+                                   atol=2e-2)
     theta_d, g = torch.randn(12), torch.randn(100_000)
     for kind in ("gaussian", "sparse", "very_sparse"):
         torch.testing.assert_close(subspace_project(theta_d.cuda(), 4, 500, 12, kind, 0.1, False, 2**20).cpu(),

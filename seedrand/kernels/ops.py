@@ -12,12 +12,15 @@ a fake (meta) kernel, so it works under ``torch.compile`` and ``torch.export``.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .init import sample
 
 __all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_matmul_reference", "frozen_weight",
-           "frozen_weight_shape", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES"]
+           "frozen_weight_shape", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES",
+           "FUSED_MAX_ROWS"]
 
 # 4 MiB of float32 weight per block: on the CPU, generation writes only the block; smaller blocks make matmuls of a
 # few rows that run below peak (training step of a 4096 x 4096 layer at batch 256, benchmarks/regen_matmul.py: 1.41x
@@ -27,13 +30,41 @@ __all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_ma
 DEFAULT_CHUNK_BYTES = 2**22
 
 
+# On CUDA the matmuls run the Triton kernel that generates weight tiles in registers for up to this many rows of x,
+# and the blockwise product above it (each chunk of rows of W written once by a Triton fill, then cuBLAS). The
+# fused kernel regenerates every weight tile once per BLOCK_M rows of x (16-128), and generating costs about 18
+# integer instructions per weight (ten Philox rounds per four) against BLOCK_M / 2048 cycles of tensor-core work:
+# by a count of H100 issue rates (64 integer instructions per cycle per SM, 4096 float16 FLOPs), the fused kernel
+# is bound by generation, about 0.28 cycles per weight per row tile, while the blockwise product pays one
+# generation plus a write and a read of each chunk. The crossover is two to four row tiles; 256 is a design choice
+# from that count, not a measurement: benchmarks/regen_matmul.py times both paths on a GPU
+FUSED_MAX_ROWS = 256
+
+
 def _rows_per_chunk(in_features: int, chunk_bytes: int) -> int:
     return max(1, chunk_bytes // (4 * in_features))
 
 
+def _transient_weight(seed: int, shape: tuple[int, ...], kind: str, scale: float, dtype: torch.dtype, device,
+                      start: int = 0) -> torch.Tensor:
+    """Elements ``start .. start + prod(shape)`` of the regenerated weight of ``init.sample`` (``kind``: uniform or
+    normal), written by the Triton fill on CUDA (float32, float16, bfloat16) and by ``sample`` elsewhere: the
+    transient weights of the blockwise products and of the convolutions."""
+    if torch.device(device).type == "cuda" and dtype != torch.float64:
+        from .triton_regen import triton_regen_weight
+
+        return triton_regen_weight(seed, shape, scale, kind == "normal", dtype, device, start=start)
+    return sample(seed, shape, kind, scale, dtype, device, start=start)
+
+
 def _weight_rows(seed: int, rows: range, in_features: int, scale: float, normal: bool, dtype, device) -> torch.Tensor:
-    return sample(seed, (len(rows), in_features), "normal" if normal else "uniform", scale, dtype, device,
-                  start=rows.start * in_features)
+    return _transient_weight(seed, (len(rows), in_features), "normal" if normal else "uniform", scale, dtype, device,
+                             start=rows.start * in_features)
+
+
+def _fused(x: torch.Tensor) -> bool:
+    """Whether a CUDA matmul of ``x`` runs the fused Triton kernel (see ``FUSED_MAX_ROWS``)."""
+    return x.dtype != torch.float64 and math.prod(x.shape[:-1]) <= FUSED_MAX_ROWS
 
 
 def _blockwise_matmul(x: torch.Tensor, weight_rows, out_features: int, in_features: int, transpose: bool,
@@ -97,12 +128,13 @@ def regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_features: int
 
 
 @regen_matmul.register_kernel("cuda")
-def _(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes):
-    """On CUDA the Triton kernel generates weight tiles in registers (``chunk_bytes`` does not apply); float64
-    takes the reference above."""
+def _regen_matmul_cuda(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes):
+    """On CUDA, up to ``FUSED_MAX_ROWS`` rows of ``x``: the Triton kernel that generates weight tiles in registers
+    (``chunk_bytes`` does not apply); more rows, and float64: the blockwise reference, its chunks of rows written by
+    the Triton fill."""
     from .triton_regen import triton_regen_matmul
 
-    if x.dtype == torch.float64:
+    if not _fused(x):
         return regen_matmul_reference(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes)
     return triton_regen_matmul(x, seed, out_features, in_features, scale, normal, transpose)
 
@@ -147,7 +179,7 @@ def _frozen_rows(trainable: torch.Tensor, source: torch.Tensor, trained: torch.T
     if kind == "zero":
         w = torch.zeros(shape, dtype=dtype, device=trainable.device)
     else:
-        w = sample(seed, shape, kind, scale, dtype, trainable.device, start=rows.start * shape[1])
+        w = _transient_weight(seed, shape, kind, scale, dtype, trainable.device, start=rows.start * shape[1])
     if trained_dim == 1:
         return w.index_copy_(1, trained, trainable[rows.start:rows.stop].to(dtype))
     block_source = source[rows.start:rows.stop]
@@ -184,9 +216,9 @@ def frozen_matmul_reference(x: torch.Tensor, trainable: torch.Tensor, source: to
 def frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor,
                   trained_dim: int, seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` with ``transpose``) for a ``freeze_fraction`` weight ``W`` of which only the trained
-    rows (``trained_dim`` 0, frozen filters) or columns (1, frozen inputs) are stored (paper 002, section 3): on CUDA
-    one Triton launch loads them and generates the frozen ones in registers
-    (:func:`seedrand.kernels.triton_regen.triton_frozen_matmul`); elsewhere :func:`frozen_matmul_reference`
+    rows (``trained_dim`` 0, frozen filters) or columns (1, frozen inputs) are stored (paper 002, section 3): on CUDA,
+    for up to ``FUSED_MAX_ROWS`` rows of ``x``, one Triton launch loads them and generates the frozen ones in
+    registers (:func:`seedrand.kernels.triton_regen.triton_frozen_matmul`); otherwise :func:`frozen_matmul_reference`
     assembles ``W`` a few MiB of rows at a time.
 
     Args:
@@ -209,10 +241,12 @@ def frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor
 
 
 @frozen_matmul.register_kernel("cuda")
-def _(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
+def _frozen_matmul_cuda(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose):
+    """On CUDA as ``regen_matmul``: the one-launch Triton kernel up to ``FUSED_MAX_ROWS`` rows of ``x``, the
+    blockwise reference (Triton fill, trained rows copied in, cuBLAS) above and for float64."""
     from .triton_regen import triton_frozen_matmul
 
-    if x.dtype == torch.float64:
+    if not _fused(x):
         return frozen_matmul_reference(x, trainable, source, trained, trained_dim, seed, scale, kind, transpose)
     return triton_frozen_matmul(x, trainable, source, trained_dim, seed, scale, kind, transpose)
 
@@ -255,15 +289,6 @@ _CONV = {1: torch.nn.functional.conv1d, 2: torch.nn.functional.conv2d, 3: torch.
 _CONV_INPUT_GRAD = {1: torch.nn.grad.conv1d_input, 2: torch.nn.grad.conv2d_input, 3: torch.nn.grad.conv3d_input}
 
 
-def _conv_weight(seed: int, weight_shape: list[int], scale: float, normal: bool, dtype, device) -> torch.Tensor:
-    """The transient weight: written by a Triton kernel on CUDA (float32/16, bfloat16), by ``sample`` elsewhere."""
-    if torch.device(device).type == "cuda" and dtype != torch.float64:
-        from .triton_regen import triton_regen_weight
-
-        return triton_regen_weight(seed, tuple(weight_shape), scale, normal, dtype, device)
-    return sample(seed, tuple(weight_shape), "normal" if normal else "uniform", scale, dtype, device)
-
-
 @torch.library.custom_op("seedrand::regen_conv", mutates_args=())
 def regen_conv(x: torch.Tensor, seed: int, weight_shape: list[int], scale: float, normal: bool, stride: list[int],
                padding: list[int], dilation: list[int], groups: int) -> torch.Tensor:
@@ -282,7 +307,7 @@ def regen_conv(x: torch.Tensor, seed: int, weight_shape: list[int], scale: float
     Raises:
         RuntimeError: from ``torch.nn.functional.conv{n}d`` when ``x`` does not fit the weight.
     """
-    w = _conv_weight(seed, weight_shape, scale, normal, x.dtype, x.device)
+    w = _transient_weight(seed, tuple(weight_shape), "normal" if normal else "uniform", scale, x.dtype, x.device)
     return _CONV[len(weight_shape) - 2](x, w, None, stride, padding, dilation, groups)
 
 
@@ -298,7 +323,8 @@ def _conv_setup_context(ctx, inputs, output):
 
 
 def _conv_backward(ctx, grad):
-    w = _conv_weight(ctx.seed, ctx.weight_shape, ctx.scale, ctx.normal, grad.dtype, grad.device)
+    w = _transient_weight(ctx.seed, tuple(ctx.weight_shape), "normal" if ctx.normal else "uniform", ctx.scale,
+                          grad.dtype, grad.device)
     grad_x = _CONV_INPUT_GRAD[len(ctx.weight_shape) - 2](ctx.input_shape, w, grad, ctx.stride, ctx.padding,
                                                         ctx.dilation, ctx.groups)
     return grad_x, None, None, None, None, None, None, None, None

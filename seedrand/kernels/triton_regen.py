@@ -8,11 +8,13 @@ traffic): a matmul with a weight that is never loaded, and a fill for the weight
   generates the weight tile instead of loading it: where ``in_features`` is a multiple of 4, a row of ``W`` is whole
   Philox blocks and each ``tl.randint4x`` gives four weights (interleaved into the tile), else one block per weight;
   products accumulate in float32 and the result is stored in ``x``'s dtype; float32 inputs multiply in full
-  precision, or in TF32 where torch's matmul is allowed to (``torch.backends.cuda.matmul.fp32_precision``). Backward (``dx = dy @ W``) is the same
-  kernel with ``transpose`` flipped; ``dW`` is never needed. Any leading batch shape (flattened) and strides of ``x``
-  are handled; block sizes are autotuned on GPUs. Where the output has fewer tiles than the GPU has SMs (a small
-  batch; ``P.T @ g``), the reduction is split over several programs (split-K, :func:`split_k`) whose float32
-  partial sums are added afterwards, in a fixed order.
+  precision, or in TF32 where torch's matmul is allowed to (``torch.backends.cuda.matmul.fp32_precision``).
+  Backward (``dx = dy @ W``) is the same kernel with ``transpose`` flipped; ``dW`` is never needed. Any leading
+  batch shape (flattened) and strides of ``x`` are handled; block sizes are autotuned on GPUs. Where the output has
+  fewer tiles than the GPU has SMs (a small batch; ``P.T @ g``), the reduction is split over several programs
+  (split-K, :func:`split_k`) whose float32 partial sums are added afterwards, in a fixed order. The ops use this
+  kernel for up to ``seedrand.kernels.ops.FUSED_MAX_ROWS`` rows of ``x`` (it regenerates each weight tile once per
+  ``BLOCK_M`` rows), a blockwise product with :func:`triton_regen_weight` above.
 * :func:`triton_frozen_matmul`: the same kernel for a ``freeze_fraction`` weight, its trainable rows (columns) loaded
   and its frozen ones generated, in one launch.
 * :func:`triton_project`: ``P @ x`` and ``P.T @ x`` for the subspace projections whose entries are i.i.d.
