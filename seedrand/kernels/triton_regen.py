@@ -141,9 +141,9 @@ def _configs(blocks: list[tuple[int, int, int, int, int]]) -> list[triton.Config
 _CONFIGS = _configs([(16, 64, 64, 4, 3), (64, 64, 32, 4, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3),
                      (128, 128, 32, 8, 3), (128, 256, 32, 8, 3)])
 # float32 inputs multiply in full precision on the FMA units (input_precision="ieee"), where every tile above hits
-# 255 registers and spills: 450-940 bytes of stack per thread for the two smallest, 1.9-5.3 KB for the others (sm_90,
-# benchmarks/triton_resources.py --all). These K steps of 8-16 fit in 113-243 registers without spilling; the two
-# smallest tiles above stay for the autotuner to compare
+# 255 registers and spills: 430-1,900 bytes of spill stores per thread for the two smallest, 1.9-5.3 KB of stack for
+# the others (sm_80/sm_90, benchmarks/triton_resources.py). These K steps of 8-16 fit in 113-243 registers without
+# spilling; the two smallest tiles above stay for the autotuner to compare
 _FP32_CONFIGS = _CONFIGS[:2] + _configs([(16, 64, 16, 4, 3), (32, 64, 16, 4, 3), (64, 64, 16, 8, 3),
                                          (32, 128, 16, 8, 3), (64, 64, 8, 4, 3)])
 _KEY = ["M", "N", "K", "K_SPLIT", "DIST", "TRANSPOSE", "ALIGNED", "TRAINED_DIM"]
