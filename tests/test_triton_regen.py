@@ -1,16 +1,17 @@
 """The Triton regenerate-in-registers kernels (run on CPU tensors under TRITON_INTERPRET=1, set in conftest) against
 their torch references: weights bit for bit, matmuls within matmul tolerance, over odd shapes, dtypes, seeds,
-both directions, batch shapes and strides."""
+both directions, batch shapes and strides, split-K slices and every autotuning configuration; and the CUDA ops'
+choice between the fused kernel and the blockwise product."""
 
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from seedrand.kernels import ops, triton_regen
 from seedrand.kernels.init import sample
 from seedrand.kernels.ops import (FUSED_MAX_ROWS, frozen_matmul, frozen_matmul_reference, regen_conv, regen_matmul,
                                   regen_matmul_reference)
-from seedrand.kernels import ops, triton_regen
 from seedrand.kernels.projection import subspace_project
 from seedrand.kernels.triton_regen import (_CONFIGS, _FP32_CONFIGS, split_k, triton_frozen_matmul, triton_project,
                                           triton_regen_matmul, triton_regen_weight)
