@@ -235,7 +235,10 @@ def test_bad_input():
         triton_regen_matmul(torch.randn(2, 5), 1, 4, 5, 0.1, False, False, splits=0)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+# the compiled kernels: on a GPU run TRITON_INTERPRET=0 python -m pytest tests/test_triton_regen.py -k cuda_ops
+# (the other tests here launch on CPU tensors, which only the interpreter accepts)
+@pytest.mark.skipif(not torch.cuda.is_available() or triton_regen._INTERPRETED,
+                    reason="needs a GPU and TRITON_INTERPRET=0")
 @pytest.mark.parametrize("dtype,precision", [(torch.float32, "ieee"), (torch.float32, "tf32"),
                                              (torch.bfloat16, "ieee")])
 def test_cuda_ops_match_cpu(dtype, precision):
