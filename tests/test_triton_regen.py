@@ -90,12 +90,23 @@ def _tiles(config):
 
 @pytest.mark.parametrize("config", list({_tiles(c): c for c in _CONFIGS + _FP32_CONFIGS}.values()), ids=_tiles)
 @pytest.mark.parametrize("transpose", [False, True])
-def test_every_autotuning_configuration_generates_the_weight(config, transpose):
+def test_every_autotuning_configuration_generates_the_weight(config, transpose, monkeypatch):
     """Each tile shape the autotuner may pick, for 16-bit and float32 inputs (BLOCK_K 8 to 64: an aligned row of
     the tile is 2 to 16 Philox blocks of four weights) generates the weight bit for bit, aligned and not, with
-    partial edge tiles."""
+    partial edge tiles; the launches use that configuration's tiles (recorded on the way to the kernel)."""
+    kernel, tiles = triton_regen._regen_matmul_kernel, []
+
+    class Recorder:
+        def __getitem__(self, grid):
+            def launch(*args, **flags):
+                tiles.append({key: flags[key] for key in config.kwargs})
+                return kernel[grid](*args, **flags)
+            return launch
+
+    monkeypatch.setattr(triton_regen, "_regen_matmul_kernel", Recorder())
     for out_features, in_features in [(70, 136), (45, 37)]:
         assert_tiles_are_the_weight(out_features, in_features, transpose, False, config=config)
+    assert tiles == [config.kwargs] * 2
 
 
 @pytest.mark.parametrize("normal", [False, True])
@@ -116,6 +127,7 @@ def test_split_k_slices_only_outputs_too_small_for_the_gpu():
         tiles = -(-n // 64)
         assert slices > 1 and tiles * slices >= 2 * sms and k // slices >= 256, (m, n, k, slices)
     assert split_k(1, 64, 300, sms) == 1  # too short a reduction to slice
+    assert split_k(0, 4096, 4096, sms) == 1  # an empty batch
 
 
 def test_normal_weights_and_strided_input():

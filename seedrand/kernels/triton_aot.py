@@ -52,7 +52,7 @@ def _matmul(dtype: str, dist: int, transpose: bool, aligned: bool, trained_dim: 
     flags = {"DIST": dist, "TRANSPOSE": transpose, "ALIGNED": aligned, "TRAINED_DIM": trained_dim, "SPLIT": partial,
              "UPCAST": False, "PRECISION": "tf32" if tf32 else "ieee", "BLOCK_M": m, "BLOCK_N": n, "BLOCK_K": k}
     frozen = trained_dim >= 0  # without a trainable slice the launcher passes x for both pointers
-    # split-K launches write float32 partial sums whatever x's dtype (the float32 ones are the same variant)
+    # split-K launches (SPLIT) write float32 partial sums whatever x's dtype
     signature = {"x_ptr": f"*{dtype}", "y_ptr": "*fp32" if partial else f"*{dtype}",
                  "t_ptr": f"*{trainable or dtype}",
                  "src_ptr": "*i64" if frozen else f"*{dtype}", **dict.fromkeys(_MATMUL_SCALARS, "i32"),

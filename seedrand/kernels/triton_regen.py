@@ -166,11 +166,18 @@ def split_k(m: int, n: int, k: int, sms: int) -> int:
     4-warp programs fit an SM at 128-254 registers per thread, ``benchmarks/triton_resources.py``), not yet tuned on
     a GPU: ``benchmarks/regen_matmul.py`` prints the time with and without slices.
 
+    Split-K as in CUTLASS's ``GemmSplitKParallel`` (partial sums written per slice, then reduced), here reduced by
+    torch in a fixed order rather than by atomics, so that results do not change from run to run.
+
+    Args:
+        m, n: the output's rows and columns; k: the reduction's length; sms: the GPU's multiprocessor count.
+
     Returns:
         The number of slices, at least 1 (:func:`triton_regen_matmul` rounds each to whole ``BLOCK_K`` steps).
+        Raises nothing: any non-negative sizes give an answer.
     """
     tiles = triton.cdiv(m, 64) * triton.cdiv(n, 64)
-    if tiles >= sms:
+    if tiles == 0 or tiles >= sms:  # an empty output has nothing to split
         return 1
     return max(1, min(triton.cdiv(2 * sms, tiles), k // 256))
 
