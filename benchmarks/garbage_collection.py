@@ -84,7 +84,7 @@ def main() -> None:
             torch.manual_seed(0)
             model = build().eval()
         x = torch.randn(args.batch, *shape, generator=torch.Generator().manual_seed(0))
-        gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Linear", "Conv2d"]}, "optional": True,
+        gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Linear", "Conv2d"]}, "optional": True,
                                                 "filter_gates": {}}]},
                               (x[:2],)).eval()
         kill_gates(gm, args.kill)

@@ -60,7 +60,7 @@ def build(variant: str) -> nn.Module:
     hidden = {"modules": ["0", "2", "4"]}
     action = {"seedrand": {"random": {"bias": "trainable"}}, "stored": {"freeze": {}},
               "freeze_fraction": {"freeze_fraction": {"fraction": 0.9, "select": "random"}}}[variant]
-    gm = seedrand.rewrite(model, {"rules": [{"match": hidden, **action}]})
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": hidden, **action}]})
     if variant == "stored":  # freeze only the weights; biases train in both variants
         for name in ("0", "2", "4"):
             gm.get_parameter(f"{name}.bias").requires_grad_(True)

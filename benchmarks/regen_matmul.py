@@ -135,9 +135,9 @@ def cpu_figures() -> None:
           f"preallocated block: median {kernel_median:.3f}, best {kernel_best:.3f}")
     x = torch.randn(256, 4096, requires_grad=True)
     layer = lambda: nn.Sequential(nn.Linear(4096, 4096))  # noqa: E731
-    stored = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
-    regen = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "random": {}}]})
-    fraction = seedrand.rewrite(layer(), {"rules": [{"match": {"modules": ["0"]}, "freeze_fraction": {
+    stored = seedrand.rewrite(layer(), {"version": 1, "rules": [{"match": {"modules": ["0"]}, "freeze": {}}]})
+    regen = seedrand.rewrite(layer(), {"version": 1, "rules": [{"match": {"modules": ["0"]}, "random": {}}]})
+    fraction = seedrand.rewrite(layer(), {"version": 1, "rules": [{"match": {"modules": ["0"]}, "freeze_fraction": {
         "fraction": 0.9, "select": "random"}}]})
     s, r, f = step_ms([stored, regen, fraction], x)
     print(f"training step, 4096 x 4096 layer, batch 256: stored {s:.1f} ms, regenerated {r:.1f} ms, "

@@ -64,7 +64,7 @@ def main() -> None:
     print(f"{'direct':<14}{'-':>8}{direct:>12.1f}{1.0:>10.1f}x")
     for projection in args.projections.split(","):
         for d in (int(v) for v in args.dims.split(",")):
-            policy = {"seed": 0, "rules": [{"match": {"types": ["Linear"]}, "subspace": {
+            policy = {"version": 1, "seed": 0, "rules": [{"match": {"types": ["Linear"]}, "subspace": {
                 "dim": d, "projection": projection, "scope": "global"}}]}
             gm = seedrand.rewrite(base, policy, (x[:2],)).train()
             ms = step_ms(gm, x, y, args.steps)

@@ -39,7 +39,7 @@ def policy(name: str, seed: int) -> dict:
         rules = [{"match": {"types": ["Conv2d"]}, "random": {"bias": "random"}}]
     else:
         rules = [{"match": {"types": ["Conv2d"]}, "freeze_fraction": {"fraction": float(name.rsplit("-", 1)[1])}}]
-    return {"seed": seed, "rules": rules}
+    return {"version": 1, "seed": seed, "rules": rules}
 
 
 def run(name: str, seed: int, members: int, steps: int, data: zoo.Digits) -> dict:

@@ -49,7 +49,7 @@ def run(method: str, seed: int, epochs: int, batches: int, batch: int) -> tuple[
     """Train one network; returns the test MSE after each epoch and the epochs after which it grew."""
     grid = torch.linspace(-2 * math.pi, 2 * math.pi, 1000).unsqueeze(1)
     if method == "adaptive":
-        policy = seedrand.load_policy(HERE / "policies" / "sine_grow.yaml").model_copy(update={"seed": seed})
+        policy = seedrand.load_policy(HERE / "policies" / "sine_grow.yaml").model_copy(update={"version": 1, "seed": seed})
         model = seedrand.rewrite(network(500, seed), policy, grid[:2])
     else:
         model = network(int(method.split()[1]), seed)

@@ -22,7 +22,7 @@ with torch.no_grad():
 # ONNX: random layers regenerated inside the graph from their seeds, or stored as ordinary initializers
 mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
 x = torch.randn(2, 256)
-random_mlp = seedrand.rewrite(mlp, {"rules": [{"match": {"types": ["Linear"]}, "random": {}}]}, x)
+random_mlp = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"types": ["Linear"]}, "random": {}}]}, x)
 out_dir = tempfile.mkdtemp()
 for weights in ("seed", "materialize"):
     report = seedrand.export_onnx(random_mlp, x, f"{out_dir}/mlp_{weights}.onnx", weights=weights)

@@ -96,7 +96,7 @@ def _with_action(policy: Policy, **changes) -> Policy:
     data = policy.model_dump(by_alias=True, exclude_none=True)
     action = next(k for k in data["rules"][0] if k not in ("name", "match", "optional"))
     data["rules"][0][action].update(changes)
-    return Policy.model_validate(data)
+    return Policy.from_dict(data)
 
 
 def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2,
@@ -224,7 +224,7 @@ def _peak_training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 def _part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
     """Part 2 (paper 000): hidden layers regenerated from a seed vs stored frozen vs trained."""
     policy = _policy("mlp_random_hidden.yaml", policies)
-    freeze = Policy.model_validate({**policy.model_dump(by_alias=True, exclude_none=True),
+    freeze = Policy.from_dict({**policy.model_dump(by_alias=True, exclude_none=True),
                                     "rules": [{"match": policy.rules[0].match.model_dump(), "freeze": {}}]})
     widths = (64, s.random_width, s.random_width, 10)
     variants = {"trained": lambda: _mlp(*widths),

@@ -83,7 +83,7 @@ def intrinsic_dimension(task: Task, dims: Sequence[int], threshold: float = 0.9,
     baseline = float(task.eval_fn(baseline_model))
     scores = []
     for d in tqdm(dims, desc="intrinsic dimension", unit="d"):
-        policy = {"seed": seed, "rules": [{"name": f"subspace-{d}", "match": task.match, "subspace": {
+        policy = {"version": 1, "seed": seed, "rules": [{"name": f"subspace-{d}", "match": task.match, "subspace": {
             "dim": d, "projection": projection, "scope": "global"}}]}
         model = rewrite(task.model_factory(), policy, task.example_inputs)
         task.train_fn(model)

@@ -16,13 +16,13 @@ from typing import Annotated, Any, Literal, Optional
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
 
-from .errors import PolicyError
+from .errors import PolicyError, shown
 from .kernels.init import parse_init
 
 __all__ = [
     "Policy", "Rule", "Match", "Freeze", "FreezeFraction", "Random", "InsertRandom", "FilterGates", "Subspace",
     "Grow", "Plateau",
-    "ACTIONS", "load_policy", "parse_policy",
+    "ACTIONS", "MAX_POLICY_BYTES", "MAX_DEPTH", "MAX_NODES", "load_policy", "parse_policy",
 ]
 
 def _check_init(value: str) -> str:
@@ -34,7 +34,9 @@ Init = Annotated[str, AfterValidator(_check_init)]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True)
+    # strict: no coercion (``seed: true`` is not 1, ``residual: "no"`` is not False); no infinities or NaNs
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, strict=True,
+                              allow_inf_nan=False)
 
     def __eq__(self, other: object) -> bool:
         # equal values are equal policies, wherever (file, line) they were written
@@ -168,7 +170,7 @@ class Match(_Strict):
                 try:
                     re.compile(p[3:])
                 except re.error as e:
-                    raise ValueError(f"invalid regular expression {p!r}: {e}") from None
+                    raise ValueError(f"invalid regular expression {shown(p)}: {e}") from None
         return patterns
 
     @model_validator(mode="after")
@@ -203,14 +205,25 @@ class Rule(_Strict):
     def _exactly_one_action(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        # `freeze:` with no value (null) names the action with default parameters, unless another action has
-        # a value (as in model_dump() output, where the unused actions are None)
-        named = [a for a in ACTIONS if data.get(a) is not None] or [a for a in ACTIONS if a in data]
+        # an action's value is its parameters, a mapping: `freeze: {}`; `freeze: false` or `freeze:` (null) is not
+        # a switch. Unused actions set to None (model_dump() output) are left out.
+        named = [a for a in ACTIONS if data.get(a) is not None]
+        for action in named:
+            if not isinstance(data[action], dict):
+                raise ValueError(f"{action}: the value of an action is a mapping of its parameters (write "
+                                 f"`{action}: {{}}` for the defaults), not {shown(data[action])}; leave the key out "
+                                 "to leave the action out")
         if not named:
+            if any(k not in cls.model_fields for k in data):
+                return data  # the unknown key is reported where it stands, with a did-you-mean
+            empty = [a for a in ACTIONS if a in data]
+            if empty:
+                raise ValueError(f"{empty[0]}: the value of an action is a mapping of its parameters; write "
+                                 f"`{empty[0]}: {{}}` for the defaults")
             raise ValueError(f"a rule needs exactly one action, one of: {', '.join(ACTIONS)}")
         if len(named) > 1:
             raise ValueError(f"a rule names exactly one action, this one names {len(named)}: {', '.join(named)}")
-        return {**{k: v for k, v in data.items() if k not in ACTIONS}, named[0]: data[named[0]] or {}}
+        return {k: v for k, v in data.items() if k not in ACTIONS or k == named[0]}
 
     @property
     def action(self) -> str:
@@ -232,19 +245,47 @@ class Rule(_Strict):
 class Policy(_Strict):
     """A validated policy: ``version``, global ``seed`` and an ordered list of ``rules``.
 
-    Build one with :func:`load_policy` (from YAML, with line numbers in errors) or ``Policy.model_validate(dict)``;
-    write it back with :meth:`to_yaml`. Raises :class:`~seedrand.errors.PolicyError` (``load_policy``) or
-    ``pydantic.ValidationError`` (``model_validate``) on malformed input.
+    Build one with :func:`load_policy` (from YAML, with line numbers in errors) or :meth:`from_dict`; write it back
+    with :meth:`to_yaml`. Both raise :class:`~seedrand.errors.PolicyError` on malformed input (pydantic's own
+    ``model_validate`` raises ``pydantic.ValidationError``).
     """
 
-    version: Literal[1] = 1
+    version: Literal[1]
     seed: int = Field(default=0, ge=-(2**63), lt=2**63)
     rules: list[Rule] = Field(default_factory=list)
     _path: Optional[str] = PrivateAttr(default=None)
 
+    @field_validator("version", mode="before")
+    @classmethod
+    def _integer_version(cls, value: Any) -> Any:
+        if type(value) is not int:  # Literal[1] alone accepts True and 1.0
+            raise ValueError(f"version must be the integer 1, not {shown(value)}")
+        return value
+
     def model_post_init(self, _context: Any) -> None:
         for i, rule in enumerate(self.rules):
             rule._index = i
+
+    @classmethod
+    def from_dict(cls, data: Any, source: str = "<dict>") -> "Policy":
+        """Validate a policy given as Python data (the dict a YAML file would load to).
+
+        Args:
+            data: ``{"version": 1, "seed": ..., "rules": [...]}``.
+            source: how errors name where the policy came from.
+
+        Raises:
+            PolicyError: the same messages as for a file (``source`` and the rule, without line numbers).
+        """
+        if not isinstance(data, dict):
+            raise PolicyError(f"a policy is a mapping with keys version, seed, rules, not {type(data).__name__}",
+                              path=source)
+        try:
+            policy = cls.model_validate(data)
+        except ValidationError as e:
+            raise _from_validation_error(e, None, source, data) from None
+        policy._path = source
+        return policy
 
     @property
     def path(self) -> Optional[str]:
@@ -308,48 +349,157 @@ def _error_message(err: dict, loc: tuple) -> str:
     if err["type"] == "extra_forbidden":
         key = str(loc[-1])
         allowed = _allowed_keys(loc)
+        if len(loc) == 3 and loc[0] == "rules":  # a rule's key: an action, perhaps misspelled
+            allowed = [*allowed[:3], *ACTIONS, *allowed[3:]]
+            allowed = list(dict.fromkeys(allowed))
         close = difflib.get_close_matches(key, allowed, n=1, cutoff=0.5)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        return f"unknown key {key!r}{hint} (allowed here: {', '.join(allowed)})"
+        return f"unknown key {shown(key)}{hint} (allowed here: {', '.join(allowed)})"
     msg = err["msg"].removeprefix("Value error, ")
-    field = ".".join(map(str, loc[2:] if loc[:1] == ("rules",) else loc))
+    inside_rule = len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int)
+    field = ".".join(map(str, loc[2:] if inside_rule else loc))
     return f"{field}: {msg}" if field else msg
 
 
-def _from_validation_error(e: ValidationError, root: yaml.Node, path: str, data: Any) -> PolicyError:
-    err = e.errors()[0]
+def _from_validation_error(e: ValidationError, root: Optional[yaml.Node], path: str, data: Any) -> PolicyError:
+    """The first of pydantic's errors as a :class:`PolicyError` at its YAML node (``root`` is ``None`` for dicts)."""
+    # an unknown key first: a misspelled key also makes the field it was meant for missing
+    err = sorted(e.errors(), key=lambda x: x["type"] != "extra_forbidden")[0]
     loc = err["loc"]
-    node = _node_at(root, loc, at_key=err["type"] == "extra_forbidden")
     rule = None
     if len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int):
         raw = data["rules"][loc[1]] if isinstance(data.get("rules"), list) else {}
         name = raw.get("name") if isinstance(raw, dict) else None
-        rule = f"{name!r} (rules[{loc[1]}])" if name else f"rules[{loc[1]}]"
+        rule = f"{shown(name)} (rules[{loc[1]}])" if isinstance(name, str) else f"rules[{loc[1]}]"
     more = f" (and {len(e.errors()) - 1} more error(s))" if len(e.errors()) > 1 else ""
-    mark = node.start_mark
-    return PolicyError(_error_message(err, loc) + more, path=path, line=mark.line + 1, column=mark.column + 1,
-                       rule=rule)
+    line = column = None
+    if root is not None:
+        mark = _node_at(root, loc, at_key=err["type"] == "extra_forbidden").start_mark
+        line, column = mark.line + 1, mark.column + 1
+    return PolicyError(_error_message(err, loc) + more, path=path, line=line, column=column, rule=rule)
+
+
+MAX_POLICY_BYTES = 1 << 20  # a policy is a few hundred bytes; 1 MiB bounds the time and memory of reading one
+MAX_DEPTH = 32  # nesting levels of YAML collections (a policy needs 5)
+MAX_NODES = 100_000  # YAML nodes once aliases are expanded ("billion laughs" files have 10**9)
+
+
+class _Limit(yaml.YAMLError):
+    def __init__(self, problem: str, mark: Optional[yaml.Mark], rule: Optional[str] = None):
+        super().__init__(problem)
+        self.problem, self.problem_mark, self.rule = problem, mark, rule
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that stops composing past :data:`MAX_DEPTH` nesting levels (PyYAML's composer recurses
+    per level, and would otherwise end in a ``RecursionError``)."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self._depth = 0
+
+    def compose_node(self, parent, index):
+        self._depth += 1
+        try:
+            if self._depth > MAX_DEPTH:
+                raise _Limit(f"nested deeper than {MAX_DEPTH} levels", self.peek_event().start_mark)
+            return super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+
+
+def _check_tree(root: yaml.Node) -> None:
+    """Refuse duplicate keys, recursive aliases, and more than :data:`MAX_NODES` nodes with aliases expanded.
+
+    Each distinct node is visited once (aliases share nodes), so this is linear in the file."""
+    size: dict[int, int] = {}
+    busy: set[int] = set()
+
+    def visit(node: yaml.Node, rule: Optional[str]) -> int:
+        if id(node) in size:
+            return size[id(node)]
+        if id(node) in busy:
+            raise _Limit("an alias refers to a node that contains it (recursive alias)", node.start_mark, rule)
+        busy.add(id(node))
+        total = 1
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[str, yaml.Node] = {}
+            for key, value in node.value:
+                if isinstance(key, yaml.ScalarNode) and key.tag != "tag:yaml.org,2002:merge":
+                    if key.value in seen:
+                        line = seen[key.value].start_mark.line + 1
+                        raise _Limit(f"duplicate key {shown(key.value)} (first at line {line}); a key may appear "
+                                     "once per mapping", key.start_mark, rule)
+                    seen[key.value] = key
+                inner = rule
+                if node is root and key.value == "rules" and isinstance(value, yaml.SequenceNode):
+                    inner = "rules"
+                total += visit(key, rule) + visit(value, inner)
+        elif isinstance(node, yaml.SequenceNode):
+            labels = [f"rules[{i}]" if rule == "rules" else rule for i in range(len(node.value))]
+            total += sum(visit(item, label) for item, label in zip(node.value, labels))
+        if total > MAX_NODES:
+            raise _Limit(f"more than {MAX_NODES:,} YAML nodes once aliases are expanded", node.start_mark, rule)
+        busy.discard(id(node))
+        size[id(node)] = total
+        return total
+
+    visit(root, None)
+
+
+def _compose(text: str, path: str) -> tuple[yaml.Node, Any]:
+    """The YAML node tree (for error locations) and the data of ``text``, within the limits above."""
+    if len(text) > MAX_POLICY_BYTES:
+        raise PolicyError(f"{len(text):,} characters; a policy has at most {MAX_POLICY_BYTES:,}", path=path)
+    loader = _BoundedLoader(text)
+    try:
+        root = loader.get_single_node()
+        if root is None:
+            raise PolicyError("empty policy: a policy is a mapping with `version: 1` and `rules:` (a list of rules, "
+                              "each a `match` and one action)", path=path, line=1, column=1)
+        _check_tree(root)
+        return root, loader.construct_document(root)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        rule = getattr(e, "rule", None)
+        problem = e.problem if isinstance(e, _Limit) else f"invalid YAML: {getattr(e, 'problem', None) or e}"
+        raise PolicyError(problem, path=path,
+                          line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None,
+                          rule=rule if rule != "rules" else None) from None
+    finally:
+        loader.dispose()
 
 
 def load_policy(path: str | Path) -> Policy:
-    """Read and validate a YAML policy file (``yaml.safe_load`` only).
+    """Read and validate a YAML policy file (PyYAML's safe loader only: no tags that build objects).
 
     Args:
-        path: the ``.yaml`` file.
+        path: the ``.yaml`` file, UTF-8, at most :data:`MAX_POLICY_BYTES` bytes.
 
     Returns:
         A :class:`Policy` whose rules remember their YAML line, so later errors (a rule matching no module,
         incompatible actions) point at it.
 
     Raises:
-        PolicyError: unreadable file, YAML syntax error, or a schema violation; the message names the file, the
-            line and column, the rule and, for an unknown key, the closest allowed key.
+        PolicyError: unreadable, too large or not UTF-8; a YAML syntax error, a duplicate key, nesting deeper than
+            :data:`MAX_DEPTH` or more than :data:`MAX_NODES` nodes with aliases expanded; or a schema violation. The
+            message names the file, the line and column, the rule and, for an unknown key, the closest allowed key.
     """
     path = str(path)
     try:
-        text = Path(path).read_text()
+        with open(path, "rb") as f:
+            raw = f.read(MAX_POLICY_BYTES + 1)
     except OSError as e:
         raise PolicyError(f"cannot read policy file: {e.strerror}", path=path) from None
+    if len(raw) > MAX_POLICY_BYTES:
+        raise PolicyError(f"larger than {MAX_POLICY_BYTES:,} bytes; a policy file is a few hundred", path=path)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[:e.start].count(b"\n") + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise PolicyError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start})", path=path, line=line,
+                          column=column) from None
     return parse_policy(text, path)
 
 
@@ -357,17 +507,9 @@ def parse_policy(text: str, path: str = "<policy>") -> Policy:
     """Validate YAML policy ``text`` as :func:`load_policy` does; ``path`` names its source in errors.
 
     Raises:
-        PolicyError: YAML syntax error or schema violation (names ``path``, the line and column, and the rule).
+        PolicyError: as :func:`load_policy` (names ``path``, the line and column, and the rule).
     """
-    try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise PolicyError(f"invalid YAML: {getattr(e, 'problem', e)}", path=path,
-                          line=mark.line + 1 if mark else None, column=mark.column + 1 if mark else None) from None
-    if data is None:
-        data, root = {}, yaml.MappingNode("tag:yaml.org,2002:map", [])
+    root, data = _compose(text, path)
     if not isinstance(data, dict):
         raise PolicyError("a policy is a mapping with keys version, seed, rules", path=path, line=1, column=1)
     try:

@@ -67,7 +67,7 @@ def check_garbage_collection(model: nn.Module, example_inputs: tuple, match: Opt
             other random numbers), a parameter was replaced by a new object, or the optimizer state does not match
             the new shapes.
     """
-    policy = {"rules": [{"match": match or {"types": LAYER_TYPES}, "optional": match is None,
+    policy = {"version": 1, "rules": [{"match": match or {"types": LAYER_TYPES}, "optional": match is None,
                          "filter_gates": {"init": "uniform"}}]}
     inputs = tuple(x.double() if torch.is_tensor(x) and x.is_floating_point() else x for x in example_inputs)
     model = copy.deepcopy(model).double()  # before tracing: an exported graph holds dtypes and p as constants

@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 import seedrand
 from seedrand import SeedrandError
 
-MIXED = {"seed": 9, "rules": [
+MIXED = {"version": 1, "seed": 9, "rules": [
     {"match": {"modules": ["emb", "fc"]}, "random": {"bias": "random"}},
     {"match": {"modules": ["proj", "conv1"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
     {"match": {"modules": ["conv2"]}, "freeze_fraction": {"fraction": 0.5, "fixed": "keep", "dim": "in"}},
@@ -45,7 +45,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, dtype):
 
 def test_exported_model_round_trip_uses_saved_inputs(zoo_models, tmp_path):
     model, inputs = zoo_models["gpt2"]
-    policy = {"seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}},
+    policy = {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}},
                                    {"match": {"modules": ["transformer.wpe"]}, "freeze_fraction": {"fraction": 0.5}}]}
     gm = trained(model, policy, inputs, steps=1)
     seedrand.save(gm, tmp_path / "g.safetensors")  # lm_head and wte are tied: written once
@@ -65,7 +65,7 @@ def test_state_dict_survives_weights_only_torch_load(tmp_path):
 
 def test_random_layers_adopt_the_saved_seeds():
     model, inputs = all_layers()
-    policy = {"seed": 1, "rules": MIXED["rules"][:1]}
+    policy = {"version": 1, "seed": 1, "rules": MIXED["rules"][:1]}
     gm = seedrand.rewrite(model, policy, inputs)
     other = seedrand.rewrite(model, {**policy, "seed": 2}, inputs)
     assert not torch.equal(other(*inputs), gm(*inputs))
@@ -129,7 +129,7 @@ def test_garbage_collected_model_round_trip(zoo_models, tmp_path, name, match, h
     head goes, and the head count in the graph's reshapes with it) are removed again by load before the tensors are
     loaded: graph code, shapes, modules' integer attributes and outputs as saved."""
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": match, "filter_gates": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": match, "filter_gates": {}}]}, inputs)
     for seed in (0, 1):
         trained_in_place(gm, inputs)
         kill_channels(gm, seed)
@@ -158,7 +158,7 @@ def trained_in_place(gm, inputs):
 
 def test_collections_that_do_not_fit_are_an_error(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, inputs)
     path = tmp_path / "g.safetensors"
     seedrand.save(gm, path)
     tensors = load_file(path)

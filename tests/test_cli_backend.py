@@ -114,7 +114,7 @@ def test_backend_random_policy_computes_what_rewrite_computes(inductor, bias):
     import seedrand
 
     model, x = _conv_mlp(), torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
-    policy = {"seed": 4, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": bias}}]}
+    policy = {"version": 1, "seed": 4, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": bias}}]}
     rewritten = seedrand.rewrite(model, policy, (x,))
     torch._dynamo.reset()
     out = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})(x)
@@ -140,7 +140,7 @@ def test_backend_freeze_fraction_computes_what_rewrite_computes(inductor, fixed,
 
     model, inputs = all_layers()
     names = ["emb", "conv1", "fc", "proj"] if dim == "out" else ["conv1", "fc", "proj"]
-    policy = {"seed": 5, "rules": [{"match": {"modules": names},
+    policy = {"version": 1, "seed": 5, "rules": [{"match": {"modules": names},
                                     "freeze_fraction": {"fraction": 0.5, "select": "random", "fixed": fixed,
                                                         "dim": dim}}]}
     rewritten = seedrand.rewrite(model, policy, inputs)
@@ -164,7 +164,7 @@ def test_backend_freeze_fraction_computes_what_rewrite_computes(inductor, fixed,
 def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
     model, inputs = zoo_models["gpt2"]
     torch._dynamo.reset()
-    policy = {"rules": [{"match": {"modules": ["transformer.h.0.mlp.c_fc"]}, "random": {}}]}
+    policy = {"version": 1, "rules": [{"match": {"modules": ["transformer.h.0.mlp.c_fc"]}, "random": {}}]}
     with pytest.raises(Exception, match="use seedrand.rewrite for embeddings, Conv1D"):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
 
@@ -174,7 +174,7 @@ def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
 def test_backend_refuses_actions_that_add_parameters(zoo_models, action, params, why):
     model, inputs = zoo_models["cnn"]
     torch._dynamo.reset()
-    policy = {"rules": [{"match": {"modules": ["conv1"]}, action: params}]}
+    policy = {"version": 1, "rules": [{"match": {"modules": ["conv1"]}, action: params}]}
     with pytest.raises(Exception, match=f"cannot be applied by the torch.compile backend: .*{why}.*seedrand.rewrite"):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
 
@@ -182,7 +182,7 @@ def test_backend_refuses_actions_that_add_parameters(zoo_models, action, params,
 def test_backend_policy_errors_are_strict(zoo_models):
     model, inputs = zoo_models["cnn"]
     torch._dynamo.reset()
-    policy = {"rules": [{"name": "typo", "match": {"modules": ["conv_1"]}, "freeze": {}}]}
+    policy = {"version": 1, "rules": [{"name": "typo", "match": {"modules": ["conv_1"]}, "freeze": {}}]}
     with pytest.raises(Exception, match=r"rule 'typo' \(rules\[0\]\).*did you mean 'conv1'"):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
 
@@ -201,7 +201,7 @@ def test_backend_compiles_every_weight_action_and_trains():
     from conftest import all_layers
 
     model, inputs = all_layers()
-    policy = {"seed": 3, "rules": [
+    policy = {"version": 1, "seed": 3, "rules": [
         {"match": {"modules": ["emb", "conv1"]}, "random": {"bias": "trainable"}},
         {"match": {"modules": ["fc", "proj", "conv3"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
         {"match": {"modules": ["conv2"]}, "insert_random": {"residual": True, "scale": "scalar"}}]}
@@ -222,10 +222,10 @@ def test_readme_quickstart_runs():
 
 
 @pytest.mark.parametrize("name,policy,inductor", [
-    ("mlp", {"rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "trainable"}}]}, True),
+    ("mlp", {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "trainable"}}]}, True),
     ("cnn", "examples/policies/cnn_freeze_fraction.yaml", True),
     ("gpt2", "examples/policies/gpt2_random_mlp.yaml", True),
-    ("bert", {"rules": [{"match": {"types": ["Linear"]}, "optional": True,
+    ("bert", {"version": 1, "rules": [{"match": {"types": ["Linear"]}, "optional": True,
                          "subspace": {"dim": 8, "projection": "sparse"}}]}, True),
     ("gpt2", "examples/policies/gpt2_random_mlp.yaml", False),
 ])
@@ -254,7 +254,7 @@ def test_export_keeps_regenerate_ops_as_single_nodes():
     from conftest import all_layers
 
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": ["fc", "conv1"]}, "random": {}},
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["fc", "conv1"]}, "random": {}},
                                             {"match": {"modules": ["proj"]}, "subspace": {"dim": 4}}]}, inputs)
     graph = torch.export.export(gm.eval(), inputs).graph
     targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]

@@ -12,7 +12,7 @@ SEED = 7
 
 
 def share_conv(fraction, fixed="random"):
-    return {"seed": SEED, "rules": [
+    return {"version": 1, "seed": SEED, "rules": [
         {"name": "share", "match": {"types": ["Conv2d"]}, "freeze_fraction": {"fraction": fraction, "fixed": fixed}},
         {"name": "bn", "match": {"types": ["BatchNorm2d"]}, "freeze": {}}]}
 
@@ -105,7 +105,7 @@ def test_batched_evaluation_through_regenerated_layers(monkeypatch):
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), torch.nn.ReLU(), torch.nn.Flatten(),
                                 torch.nn.Linear(4 * 6 * 6, 16), torch.nn.ReLU(), torch.nn.Linear(16, 3))
     x = torch.randn(5, 1, 8, 8, generator=torch.Generator().manual_seed(3))
-    policy = {"seed": SEED, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": "trainable"}}]}
+    policy = {"version": 1, "seed": SEED, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": "trainable"}}]}
     ens = seedrand.ensemble(model, policy, members=3, example_inputs=(x[:2],)).eval()
     calls = []
     reference = ops.regen_matmul_reference

@@ -13,7 +13,7 @@ from seedrand import SeedrandError
 from seedrand.export import export_onnx
 from seedrand.kernels.ops import regen_matmul
 
-EVERY_ACTION = {"seed": 4, "rules": [
+EVERY_ACTION = {"version": 1, "seed": 4, "rules": [
     {"match": {"modules": ["emb", "conv1"]}, "random": {"bias": "random"}},
     {"match": {"modules": ["fc", "conv3"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
     {"match": {"modules": ["proj"]}, "subspace": {"dim": 4, "projection": "sparse"}},
@@ -43,7 +43,7 @@ def test_every_action_matches_onnxruntime(tmp_path, weights):
 @pytest.mark.parametrize("weights", ["seed", "materialize"])
 def test_transformers_model(zoo_models, tmp_path, weights):
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}}]}, inputs)
     report = export_onnx(gm, inputs, tmp_path / "g.onnx", weights=weights)
     np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,
                                atol=1e-5)
@@ -52,7 +52,7 @@ def test_transformers_model(zoo_models, tmp_path, weights):
 def test_seed_file_is_a_fraction_of_the_materialized_one_and_weights_are_bit_identical(tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
     x = torch.eye(256)[:2]
-    gm = seedrand.rewrite(mlp, {"rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "zero"}}]}, x)
+    gm = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "zero"}}]}, x)
     seed = export_onnx(gm, x, tmp_path / "seed.onnx", weights="seed")
     full = export_onnx(gm, x, tmp_path / "full.onnx", weights="materialize")
     stored_weights = (256 + 1024) * 1024 * 4
@@ -66,7 +66,7 @@ def test_seed_file_is_a_fraction_of_the_materialized_one_and_weights_are_bit_ide
 
 def test_unexportable_projection_and_bad_mode_are_clear_errors(tmp_path):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": ["fc"]}, "subspace": {
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["fc"]}, "subspace": {
         "dim": 2, "projection": "orthogonal"}}]}, inputs)
     with pytest.raises(SeedrandError, match="module 'fc.subspace': the orthogonal subspace projection needs a QR"):
         export_onnx(gm, inputs, tmp_path / "o.onnx")
@@ -98,7 +98,7 @@ def test_cli_export(tmp_path, capsys):
 ])
 def test_more_transformers_models_in_seed_mode(zoo_models, tmp_path, name, types, exclude):
     model, inputs = zoo_models[name]
-    policy = {"seed": 2, "rules": [{"match": {"types": types, "exclude": exclude}, "random": {}}]}
+    policy = {"version": 1, "seed": 2, "rules": [{"match": {"types": types, "exclude": exclude}, "random": {}}]}
     gm = seedrand.rewrite(model, policy, inputs)
     report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx", weights="seed")
     np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,

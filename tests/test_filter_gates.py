@@ -12,7 +12,7 @@ from seedrand.passes.filter_gates import FilterGate
 
 
 def policy(match, **params):
-    return {"seed": 3, "rules": [{"name": "gates", "match": match, "filter_gates": params}]}
+    return {"version": 1, "seed": 3, "rules": [{"name": "gates", "match": match, "filter_gates": params}]}
 
 
 @pytest.mark.parametrize("name,types", [("cnn", ["Conv2d", "Linear"]), ("resnet", ["Conv2d"]), ("gpt2", ["Conv1D"]),

@@ -19,7 +19,7 @@ def policy(modules, fraction=0.5, dim="out", select="first", fixed="random", act
     params = {"fraction": fraction, "dim": dim, "select": select, "fixed": fixed, **extra}
     if action == "random":
         params = {"bias": "random"}
-    return {"seed": SEED, "rules": [{"name": "ff", "match": {"modules": list(modules)}, action: params}]}
+    return {"version": 1, "seed": SEED, "rules": [{"name": "ff", "match": {"modules": list(modules)}, action: params}]}
 
 
 def stored_dim(name, dim):
@@ -122,14 +122,14 @@ def test_only_trainable_slices_learn(zoo_models):
                                        ("bert", {"types": ["Linear", "Embedding"]})])
 def test_fraction_zero_equals_original(zoo_models, zoo, match):
     model, inputs = all_layers() if zoo is None else zoo_models[zoo]
-    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": match, "freeze_fraction": {"fraction": 0.0}}]},
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": match, "freeze_fraction": {"fraction": 0.0}}]},
                           inputs)
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
 
 
 def test_exported_graph_keep_is_exact_and_trains(zoo_models):
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "freeze_fraction": {
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "freeze_fraction": {
         "fraction": 0.9, "select": "random", "fixed": "keep", "dim": "in"}}]}, inputs)
     assert gm.meta["seedrand"].trace.strategy == "torch.export"
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
@@ -170,7 +170,7 @@ def test_unsupported_layer_is_refused_and_model_untouched(zoo_models):
     model, inputs = zoo_models["cnn"]
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(PolicyError, match=r"'bn1' \(BatchNorm2d\): freeze_fraction supports nn.Linear"):
-        seedrand.rewrite(model, {"rules": [{"match": {"types": ["BatchNorm2d"]}, "freeze_fraction": {
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["BatchNorm2d"]}, "freeze_fraction": {
             "fraction": 0.5}}]}, inputs)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 

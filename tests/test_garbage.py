@@ -31,7 +31,7 @@ def outputs(gm, inputs, train):
 def test_outputs_unchanged_and_state_sliced(zoo_models, name, types):
     model, inputs = zoo_models[name]
     match = {"types": types} if name == "cnn" else {"modules": ["0", "2"]}
-    gm = seedrand.rewrite(model, {"rules": [{"match": match, "filter_gates": {"init": "uniform"}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": match, "filter_gates": {"init": "uniform"}}]}, inputs)
     gm.double()
     inputs = tuple(x.double() for x in inputs)
     for m in gm.modules():
@@ -64,7 +64,7 @@ def test_training_continues_while_an_old_graph_is_alive(zoo_models, compiled):
     break the next backward, eager or through the seedrand backend (which recompiles for the new shapes); the
     gradients equal those of a copy with fresh autograd state."""
     model, inputs = zoo_models["cnn"]
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {"init": "uniform"}}]},
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {"init": "uniform"}}]},
                           inputs).train()
     for m in gm.modules():
         if isinstance(m, nn.Dropout):
@@ -92,7 +92,7 @@ def test_shrinks_while_training_on_digits():
 
     task, data = zoo.digits_task(hidden=256), zoo.digits_data()
     plain = task.model_factory()
-    gated = seedrand.rewrite(task.model_factory(), {"rules": [{"match": {"modules": ["0", "2"]}, "filter_gates": {
+    gated = seedrand.rewrite(task.model_factory(), {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "filter_gates": {
         "lambda": 2e-3}}]}, (data.x_train[:2],))
     accuracy = {}
     for name, model in (("plain", plain), ("gated", gated)):

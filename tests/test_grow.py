@@ -28,7 +28,7 @@ def grow_policy(stages=5, start=1, freeze_previous=True, window=3, min_delta=0.0
     rules = [{"name": "hidden", "match": {"modules": ["0"]}, "grow": settings}]
     if consumer:
         rules.append({"name": "readout", "match": {"modules": ["2"]}, "grow": {**settings, "dim": "in"}})
-    return {"seed": SEED, "rules": rules}
+    return {"version": 1, "seed": SEED, "rules": rules}
 
 
 X = torch.linspace(-6, 6, 32).unsqueeze(1)
@@ -137,7 +137,7 @@ def test_new_units_get_the_full_layers_init_from_the_seed():
     model, gm = grown(hidden=10, start=1, consumer=True)
     for layer in gm.get_submodule("0.weight"), gm.get_submodule("0.bias"), gm.get_submodule("2.weight"):
         layer.grow()
-    regenerated = seedrand.rewrite(model, {"seed": SEED, "rules": [
+    regenerated = seedrand.rewrite(model, {"version": 1, "seed": SEED, "rules": [
         {"match": {"modules": ["0", "2"]}, "random": {"bias": "random"}}]}, (X[:2],))
     torch.testing.assert_close(gm.get_submodule("0.weight")()[2:4], regenerated.get_submodule("0").weight()[2:4],
                                rtol=0, atol=0)
@@ -177,7 +177,7 @@ def test_drop_inactive_keeps_outputs_and_removes_the_zero_units():
 
 def test_convolutions_grow_and_train_only_active_slices():
     model = nn.Sequential(nn.Conv2d(1, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-    policy = {"seed": 1, "rules": [
+    policy = {"version": 1, "seed": 1, "rules": [
         {"match": {"modules": ["0"]}, "grow": {"stages": 4, "start": 1}},
         {"match": {"modules": ["2"]}, "grow": {"stages": 4, "start": 1, "dim": "in"}}]}
     x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
@@ -215,7 +215,7 @@ def test_layers_that_cannot_grow_are_refused_and_the_model_is_untouched():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(PolicyError, match="not to the rows of an nn.Embedding"):
-        seedrand.rewrite(model, {"rules": [{"match": {"modules": ["0"]}, "grow": {}}]})
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["0"]}, "grow": {}}]})
     with pytest.raises(PolicyError, match="3 output units, fewer than stages: 5"):
-        seedrand.rewrite(model, {"rules": [{"match": {"modules": ["1"]}, "grow": {"stages": 5}}]})
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["1"]}, "grow": {"stages": 5}}]})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())

@@ -13,7 +13,7 @@ from seedrand.passes.insert_random import RandomStack
 
 
 def policy(modules, **params):
-    return {"seed": 5, "rules": [{"name": "ins", "match": {"modules": list(modules)}, "insert_random": params}]}
+    return {"version": 1, "seed": 5, "rules": [{"name": "ins", "match": {"modules": list(modules)}, "insert_random": params}]}
 
 
 def with_stacks(model, gm, names):
@@ -66,7 +66,7 @@ def test_inserted_after_every_layer_type(dtype, params):
 @pytest.mark.parametrize("scale", ["scalar", "per_channel"])
 def test_trainable_scales_start_at_zero_and_learn(zoo_models, scale):
     model, inputs = zoo_models["gpt2"]  # exported graph: inserted after aten.addmm (Conv1D) nodes
-    gm = seedrand.rewrite(model, {"seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "insert_random": {
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "insert_random": {
         "residual": True, "scale": scale}}]}, inputs)
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
     scales = [p for n, p in gm.named_parameters() if "_random.scales" in n]

@@ -28,7 +28,7 @@ class Net(nn.Module):
 
 
 def targets(rules, optional=False):
-    policy = Policy.model_validate({"seed": 5, "rules": rules})
+    policy = Policy.model_validate({"version": 1, "seed": 5, "rules": rules})
     return [(t.qualname, t.rule._index) for t in resolve(policy, Net())]
 
 
@@ -85,7 +85,7 @@ def test_incompatible_actions_name_both_rules(first, second):
     ({"modules": ["conv1", "clasifier"]}, ["'clasifier' matches no module", "did you mean 'classifier'"]),
     ({"types": ["Conv2D"]}, ["unknown type 'Conv2D'", "did you mean 'Conv2d'"]),
     ({"types": ["LayerNorm"]}, ["'LayerNorm' matches no module"]),
-    ({"types": ["torch.nn.Conv9d"]}, ["'torch.nn.Conv9d' cannot be imported"]),
+    ({"types": ["torch.nn.Conv9d"]}, ["'torch.nn.Conv9d' is neither a class"]),
     ({"types": ["Linear"], "exclude": ["clasifier"]}, ["exclude entry 'clasifier'", "did you mean 'classifier'"]),
     ({"modules": ["conv1"], "types": ["Linear"]}, ["selects no module"]),
     ({"modules": ["conv1"], "exclude_types": ["Conv2d"]}, ["selects no module"]),

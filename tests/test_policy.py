@@ -3,8 +3,6 @@
 import textwrap
 
 import pytest
-from pydantic import ValidationError
-
 from seedrand import Policy, PolicyError, load_policy
 from seedrand.policy import ACTIONS
 
@@ -19,7 +17,7 @@ rules:
       exclude: ["classifier"]
     freeze_fraction: {fraction: 0.9, dim: out, select: first, fixed: random, init: kaiming_uniform}
   - match: {types: [BatchNorm2d]}
-    freeze:
+    freeze: {}
   - name: random-head
     match: {modules: [head]}
     random: {init: "normal(0.02)", bias: trainable}
@@ -49,7 +47,7 @@ def test_good_policy_loads_with_every_action(tmp_path):
     assert sorted(r.action for r in policy.rules) == sorted(ACTIONS)
     assert policy.seed == 1234
     assert policy.rules[0].params.fraction == 0.9
-    assert policy.rules[1].params == ACTIONS["freeze"]()  # `freeze:` with no value means {}
+    assert policy.rules[1].params == ACTIONS["freeze"]()
     assert policy.rules[4].params.lambda_ == 1.0e-4
     assert [r._line for r in policy.rules] == [4, 10, 12, 15, 18, 21, 24]
     assert policy.rules[6].params.plateau.window == 10
@@ -89,7 +87,18 @@ MALFORMED = [
     ("    filter_gates: {lambda: -1}\n", 8, None, ["lambda", "greater than or equal to 0"]),
     ("    freeze: {}\n    random: {}\n", 6, None, ["exactly one action", "freeze, random"]),
     ("", 6, None, ["needs exactly one action"]),
-    ("    freze: {}\n", 6, None, ["needs exactly one action"]),
+    ("    freze: {}\n", 8, 5, ["unknown key 'freze'", "did you mean 'freeze'"]),
+    ("    freeze_fracton: {fraction: 0.5}\n", 8, 5, ["unknown key 'freeze_fracton'", "did you mean 'freeze_fraction'"]),
+    ("    freeze: false\n", 6, None, ["freeze", "a mapping of its parameters", "not False"]),
+    ("    random: false\n", 6, None, ["random", "a mapping of its parameters"]),
+    ("    freeze:\n", 6, None, ["freeze", "write `freeze: {}`"]),
+    ("    freeze: {}\n    freeze: {}\n", 9, 5, ["duplicate key 'freeze'", "first at line 8"]),
+    ("    freeze_fraction: {fraction: 0.5, fraction: 0.2}\n", 8, 38, ["duplicate key 'fraction'"]),
+    ("    filter_gates: {lambda: .inf}\n", 8, None, ["lambda", "finite"]),
+    ("    filter_gates: {lambda: .nan}\n", 8, None, ["lambda", "finite"]),
+    ("    random: {init: normal(1e400)}\n", 8, None, ["unknown init", "finite"]),
+    ("    insert_random: {residual: 'yes'}\n", 8, None, ["residual", "boolean"]),
+    ("    subspace: {dim: true}\n", 8, None, ["dim", "integer"]),
     ("    freeze: {}\n    optinal: true\n", 9, 5, ["unknown key 'optinal'", "did you mean 'optional'"]),
     ("    freeze: {}\n  - name: empty\n    match: {}\n    freeze: {}\n", 10, None,
      ["match needs `modules` or `types`"]),
@@ -118,18 +127,27 @@ def test_malformed_policy_names_file_line_and_rule(tmp_path, text, line, column,
 
 @pytest.mark.parametrize("text,words", [
     ("version: 2\nrules: []\n", ["version", "1"]),
-    ("rules: {a: 1}\n", ["rules", "list"]),
-    ("rules:\n  - match: {types: [Linear]\n    freeze: {}\n", ["invalid YAML"]),
+    ("version: true\nrules: []\n", ["version must be the integer 1"]),
+    ("rules: []\n", ["version", "Field required"]),
+    ("version: 1\nrules: {a: 1}\n", ["rules", "list"]),
+    ("version: 1\nrules: 5\n", ["rules: Input should be a valid list"]),
+    ("version: 1\nrules:\n  - match: {types: [Linear]\n    freeze: {}\n", ["invalid YAML"]),
     ("- just\n- a list\n", ["a policy is a mapping"]),
-    ("seed: 18446744073709551616\nrules: []\n", ["seed"]),
+    ("version: 1\nseed: 18446744073709551616\nrules: []\n", ["seed"]),
+    ("version: 1\nseed: true\nrules: []\n", ["seed", "valid integer"]),
+    ("version: 1\nseed: 1.5\nrules: []\n", ["seed", "valid integer"]),
     ("vesrion: 1\n", ["did you mean 'version'"]),
-    ("rules: []\nseed: !!python/object:os.system [echo]\n", ["invalid YAML"]),
+    ("version: 1\nrules: []\nseed: !!python/object:os.system [echo]\n", ["invalid YAML"]),
+    ("version: 1\nrules: []\nrules: []\n", ["duplicate key 'rules'", "first at line 2"]),
+    ("", ["empty policy", "version: 1"]),
+    ("# only a comment\n", ["empty policy"]),
 ])
 def test_policy_level_errors(tmp_path, text, words):
     path = write(tmp_path, text)
     with pytest.raises(PolicyError) as info:
         load_policy(path)
     assert info.value.line is not None
+    assert str(info.value).startswith(f"{path}:{info.value.line}:")
     for word in words:
         assert word in str(info.value)
 
@@ -139,11 +157,18 @@ def test_missing_file_is_a_policy_error(tmp_path):
         load_policy(tmp_path / "nope.yaml")
 
 
-def test_empty_file_is_an_empty_policy(tmp_path):
-    assert load_policy(write(tmp_path, "")).rules == []
-
-
-def test_model_validate_from_dict_is_strict():
-    with pytest.raises(ValidationError, match="extra"):
-        Policy.model_validate({"rules": [{"match": {"types": ["Linear"]}, "freeze": {"x": 1}}]})
-    assert Policy.model_validate({"rules": [{"match": {"types": ["Linear"]}, "freeze": None}]}).rules[0].action == "freeze"
+def test_dict_policies_get_the_file_messages_without_lines():
+    with pytest.raises(PolicyError) as info:
+        Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]}, "freeze": {"x": 1}}]})
+    assert str(info.value).startswith("<dict>: rule rules[0]: unknown key 'x'")
+    assert info.value.line is None and info.value.rule == "rules[0]"
+    with pytest.raises(PolicyError, match="did you mean 'freeze_fraction'") as info:
+        Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]}, "freeze_fracton": {}}]})
+    assert "pydantic" not in str(info.value) and "input_value" not in str(info.value)
+    with pytest.raises(PolicyError, match="a mapping of its parameters"):
+        Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]}, "freeze": None}]})
+    with pytest.raises(PolicyError, match="a policy is a mapping"):
+        Policy.from_dict([1, 2])
+    # model_dump() output, where the unused actions are None, validates back
+    policy = Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]}, "freeze": {}}]})
+    assert Policy.from_dict(policy.model_dump()) == policy

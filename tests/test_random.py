@@ -15,7 +15,7 @@ from seedrand.passes.random import RandomConv, RandomEmbedding, RandomLinear
 
 
 def policy(types, bias="trainable", exclude=(), seed=7, init=None):
-    return {"seed": seed, "rules": [{"name": "rnd", "match": {"types": types, "exclude": list(exclude)},
+    return {"version": 1, "seed": seed, "rules": [{"name": "rnd", "match": {"types": types, "exclude": list(exclude)},
                                      "random": {"bias": bias, "init": init}}]}
 
 
@@ -161,7 +161,7 @@ def materialized_all_layers(model, gm, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_layer_type_and_dtype(dtype):
     model, inputs = all_layers(dtype)
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"modules": list(LAYER_NAMES)}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": list(LAYER_NAMES)}, "random": {}}]}, inputs)
     assert not [n for n, _ in gm.named_parameters() if n.endswith("weight")]
     out = gm(*inputs)
     assert out.dtype == dtype
@@ -171,7 +171,7 @@ def test_every_layer_type_and_dtype(dtype):
 
 def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
     model, (ids,) = all_layers()
-    gm = seedrand.rewrite(model, {"seed": 4, "rules": [{"match": {"modules": ["emb"]}, "random": {}}]}, (ids,))
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 4, "rules": [{"match": {"modules": ["emb"]}, "random": {}}]}, (ids,))
     emb = gm.get_submodule("emb")
     assert isinstance(emb, RandomEmbedding) and emb.seed == philox.derive_seed(4, "emb", "weight")
     table = philox.randn(emb.seed, torch.arange(20 * 8)).reshape(20, 8)  # nn.Embedding's default N(0, 1)
@@ -184,7 +184,7 @@ def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
 def test_exported_embeddings(zoo_models):
     model, inputs = zoo_models["bert"]
     names = ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"]
-    gm = seedrand.rewrite(model, {"seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs)
     ref = copy.deepcopy(model)
     for name in names:
         layer, w = ref.get_submodule(name), gm.get_submodule(name).weight()
@@ -198,4 +198,4 @@ def test_exported_embeddings(zoo_models):
 def test_embedding_with_max_norm_is_refused():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(PolicyError, match=r"'0' \(Embedding\): random cannot regenerate an embedding with max_norm"):
-        seedrand.rewrite(model, {"rules": [{"match": {"types": ["Embedding"]}, "random": {}}]}, torch.zeros(2, 3).long())
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Embedding"]}, "random": {}}]}, torch.zeros(2, 3).long())

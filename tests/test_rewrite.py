@@ -11,7 +11,7 @@ import seedrand
 from seedrand import SeedrandError, TraceError
 from seedrand.passes import PASSES
 
-EMPTY = {"rules": []}
+EMPTY = {"version": 1, "rules": []}
 TRANSFORMERS = ["resnet", "mobilenet_v2", "vit", "gpt2", "bert"]
 
 
@@ -70,7 +70,7 @@ def test_tied_weights_stay_tied(rewritten):
 def test_original_untouched_after_success_and_rewrite_does_not_share_parameters(zoo_models):
     model, inputs = zoo_models["cnn"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gm = seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
     assert all(p.requires_grad for p in model.parameters())
     assert not gm.get_parameter("conv1.weight").requires_grad
     assert gm.get_parameter("conv1.weight") is not model.conv1.weight
@@ -89,7 +89,7 @@ def test_original_untouched_after_failure_midway(zoo_models, monkeypatch):
 
     monkeypatch.setitem(PASSES, "freeze", breaking_pass)
     with pytest.raises(RuntimeError, match="midway"):
-        seedrand.rewrite(model, {"rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 

@@ -82,7 +82,7 @@ def _delta_for(coords, j):
 
 
 def policy(modules, **params):
-    return {"seed": 6, "rules": [{"name": "sub", "match": {"modules": list(modules)}, "subspace": params}]}
+    return {"version": 1, "seed": 6, "rules": [{"name": "sub", "match": {"modules": list(modules)}, "subspace": params}]}
 
 
 @pytest.mark.parametrize("projection", PROJECTIONS)
@@ -112,7 +112,7 @@ def test_starts_at_theta0_and_trains_only_theta_d(projection, scope):
 
 def test_exported_model_and_state_dict(zoo_models, tmp_path):
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, {"seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "subspace": {
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "subspace": {
         "dim": 32, "scope": "global", "projection": "fastfood"}}]}, inputs)
     assert gm.meta["seedrand"].trace.strategy == "torch.export"
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
@@ -131,7 +131,7 @@ def test_exported_model_and_state_dict(zoo_models, tmp_path):
 def test_theta0_random_is_the_random_actions_init():
     model, inputs = all_layers()
     gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=3, theta0="random"), inputs)
-    ref = seedrand.rewrite(model, {"seed": 6, "rules": [{"match": {"modules": ["fc", "conv2"]}, "random": {
+    ref = seedrand.rewrite(model, {"version": 1, "seed": 6, "rules": [{"match": {"modules": ["fc", "conv2"]}, "random": {
         "bias": "random"}}]}, inputs)
     for name in ("fc", "conv2"):
         zero = torch.zeros(gm.get_submodule(f"{name}.subspace").rows)

@@ -19,6 +19,7 @@ import re
 
 import torch
 
+from ..errors import shown
 from . import cpu_philox, philox
 
 __all__ = ["INIT_NAMES", "parse_init", "init_distribution", "regenerate", "sample", "sample_at"]
@@ -33,13 +34,14 @@ def parse_init(init: str) -> tuple[str, float | None]:
     ``"xavier_uniform"`` -> ``("xavier_uniform", None)``.
 
     Raises:
-        ValueError: not one of ``INIT_NAMES`` with a positive number for ``std``/``a``.
+        ValueError: not one of ``INIT_NAMES`` with a positive finite number for ``std``/``a``.
     """
     if init in _NAMED:
         return init, None
     match = _PARAMETRIC.match(init)
-    if not match or float(match.group(2)) <= 0:
-        raise ValueError(f"unknown init {init!r}; expected one of {', '.join(INIT_NAMES)} (std, a: positive numbers)")
+    if not match or not 0 < float(match.group(2)) < math.inf:
+        raise ValueError(f"unknown init {shown(init)}; expected one of {', '.join(INIT_NAMES)} (std, a: positive "
+                         "finite numbers)")
     return match.group(1), float(match.group(2))
 
 

@@ -16,13 +16,14 @@ get a "did you mean" from the model's own names.
 from __future__ import annotations
 
 import difflib
-import importlib
 import re
+import sys
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Mapping, Optional, Union
 
 import torch.nn as nn
 
+from ..errors import shown
 from ..policy import Policy, Rule
 
 __all__ = ["Target", "resolve", "WEIGHT_ACTIONS"]
@@ -68,21 +69,38 @@ def _name_matches(pattern: str, name: str) -> bool:
 def _resolve_type(entry: str, modules: dict[str, type], policy: Policy, rule: Rule):
     """A predicate on classes for one ``types`` entry: a dotted path, or a class name along the hierarchy."""
     if "." in entry:
-        mod_name, _, attr = entry.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(mod_name), attr)
-        except (ImportError, AttributeError):
-            raise policy.error(f"type {entry!r} cannot be imported", rule) from None
-        if not isinstance(cls, type):
-            raise policy.error(f"type {entry!r} is not a class", rule)
+        cls = _dotted_class(entry, modules)
+        if cls is None:
+            raise policy.error(f"type {shown(entry)} is neither a class in the model's hierarchy nor one of a module "
+                               "already imported; seedrand never imports a module a policy names (a policy holds "
+                               "no code): import it before applying the policy", rule)
         return lambda c: issubclass(c, cls)
     known = {c.__name__ for cls in modules.values() for c in cls.__mro__}
     known |= {n for n, v in vars(nn).items() if isinstance(v, type) and issubclass(v, nn.Module)}
     if entry not in known:
         close = difflib.get_close_matches(entry, sorted(known), n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise policy.error(f"unknown type {entry!r}{hint}", rule)
+        raise policy.error(f"unknown type {shown(entry)}{hint}", rule)
     return lambda c: any(k.__name__ == entry for k in c.__mro__)
+
+
+def _dotted_class(entry: str, modules: dict[str, type]) -> Optional[type]:
+    """The class a dotted ``types`` entry names, looked up among the model's classes and then in the namespaces of
+    modules already in ``sys.modules`` (read directly: no import, no lazy-module ``__getattr__``), or ``None``."""
+    for cls in modules.values():
+        for c in cls.__mro__:
+            if f"{c.__module__}.{c.__qualname__}" == entry:
+                return c
+    parts = entry.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        namespace = sys.modules.get(".".join(parts[:cut]))
+        if namespace is None:
+            continue
+        value = namespace
+        for name in parts[cut:]:
+            value = vars(value).get(name) if hasattr(value, "__dict__") else None
+        return value if isinstance(value, type) else None
+    return None
 
 
 def _check_nonempty(kind: str, entry: str, hits: int, names: list[str], policy: Policy, rule: Rule) -> None:
@@ -92,7 +110,7 @@ def _check_nonempty(kind: str, entry: str, hits: int, names: list[str], policy: 
     if not entry.startswith("re:") and kind in ("modules", "exclude"):
         close = difflib.get_close_matches(entry, names, n=1, cutoff=0.6)
         hint = f"; did you mean {close[0]!r}?" if close else ""
-    raise policy.error(f"{kind} entry {entry!r} matches no module of the model{hint} (set optional: true to allow)",
+    raise policy.error(f"{kind} entry {shown(entry)} matches no module of the model{hint} (set optional: true to allow)",
                        rule)
 
 

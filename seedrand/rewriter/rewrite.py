@@ -12,6 +12,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..errors import ModelError, PolicyError
 from ..policy import Policy, load_policy
 from .match import Target, resolve
 from .trace import TraceInfo, trace
@@ -42,12 +43,19 @@ class RewriteRecord:
 
 
 def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
-    """A :class:`Policy` from a Policy, a YAML path or a dict. Raises ``PolicyError``/``ValidationError``."""
+    """A :class:`Policy` from a Policy, a YAML path or a dict.
+
+    Raises:
+        PolicyError: the policy is malformed (the same messages for dicts as for files), or ``policy`` is none of
+            these types.
+    """
     if isinstance(policy, Policy):
         return policy
     if isinstance(policy, dict):
-        return Policy.model_validate(policy)
-    return load_policy(policy)
+        return Policy.from_dict(policy)
+    if isinstance(policy, (str, Path)):
+        return load_policy(policy)
+    raise PolicyError(f"a policy is a seedrand.Policy, a path to a YAML file or a dict, not {type(policy).__name__}")
 
 
 def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_inputs: Optional[tuple] = None
@@ -68,13 +76,15 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
 
     Raises:
         PolicyError: the policy is malformed or does not fit the model (names the rule and YAML line).
+        ModelError: ``model`` is not an ``nn.Module``, already holds seedrand modules (rewrite the original with one
+            policy instead: a second rewrite would inline the regenerated layers and lose their seeds), or its own
+            forward fails on ``example_inputs`` (wrong shape or dtype; names the model code line).
         TraceError: no strategy could trace the model (names the code line).
     """
     from ..passes import PASSES  # passes import the rewriter's helpers
 
     policy = as_policy(policy)
-    if isinstance(example_inputs, torch.Tensor):
-        example_inputs = (example_inputs,)
+    example_inputs = _check_arguments(model, example_inputs)
     model = copy.deepcopy(model)
     targets = resolve(policy, model)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs)
@@ -85,3 +95,26 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     gm.recompile()
     gm.meta[RECORD_KEY] = RewriteRecord(policy, targets, info, example_inputs)
     return gm
+
+
+def _check_arguments(model: nn.Module, example_inputs) -> Optional[tuple]:
+    """``example_inputs`` as a tuple (or ``None``), once ``model`` and they are known to be what rewrite takes."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"seedrand.rewrite takes an nn.Module as the model, not {type(model).__name__}")
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in model.meta:
+        raise ModelError("this model was returned by seedrand.rewrite already; rewrite the original model with one "
+                         "policy holding every rule (a second rewrite would inline its regenerated layers and lose "
+                         "their seeds and fingerprints)")
+    for name, module in model.named_modules():
+        if type(module).__module__.startswith(("seedrand.passes.", "seedrand.ensemble")):
+            raise ModelError(f"{name or 'the root module'} is a seedrand {type(module).__name__}: this model was "
+                             "rewritten already; rewrite the original model with one policy holding every rule (a "
+                             "second rewrite would inline its regenerated layers and lose their seeds)")
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    if isinstance(example_inputs, list):
+        return tuple(example_inputs)
+    if example_inputs is not None and not isinstance(example_inputs, tuple):
+        raise ModelError(f"example_inputs are the forward's positional inputs: a tuple (or one tensor), not "
+                         f"{type(example_inputs).__name__}")
+    return example_inputs

@@ -18,7 +18,9 @@ Real transformers models (GPT-2, ViT, ResNet, MobileNetV2) need strategy 2, henc
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import logging
 import os
 import traceback
 from dataclasses import dataclass
@@ -30,7 +32,7 @@ import torch.nn as nn
 from torch.export import Dim
 from torch.utils import _pytree as pytree
 
-from ..errors import SeedrandError, TraceError
+from ..errors import ModelError, SeedrandError, TraceError
 from .graph import full_args
 
 __all__ = ["trace", "TraceInfo"]
@@ -121,7 +123,38 @@ def _same_outputs(a: Any, b: Any) -> bool:
     return all(torch.equal(x, y) if isinstance(x, torch.Tensor) else x == y for x, y in zip(la, lb))
 
 
-def _symbolic(model: nn.Module, leaves: set[str], example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
+def _reference(model: nn.Module, example_inputs) -> Any:
+    """The model's own eval-mode outputs on ``example_inputs`` (no gradient, so nothing of the model changes).
+
+    Raises:
+        ModelError: the forward fails on them (wrong shape, dtype or number of inputs), naming the model code line.
+    """
+    try:
+        with torch.no_grad(), _quiet_torch():
+            return _in_mode(model, False, lambda: model(*example_inputs))
+    except Exception as e:  # noqa: BLE001 - whatever the model raises, the inputs do not fit it
+        shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
+                           for x in example_inputs)
+        raise ModelError(f"{type(model).__name__}'s own forward fails on the example inputs ({shapes}): "
+                         f"{_user_frame(e, model)}; pass inputs of the shape and dtype the model takes") from None
+
+
+@contextlib.contextmanager
+def _quiet_torch():
+    """Silence torch's loggers while a tracing attempt runs: a failed attempt is reported once, by seedrand, not
+    also as torch's own multi-page log of the failure."""
+    loggers = [lg for name, lg in logging.root.manager.loggerDict.items()
+               if name.startswith("torch") and isinstance(lg, logging.Logger) and not lg.disabled]
+    for lg in loggers:
+        lg.disabled = True
+    try:
+        yield
+    finally:
+        for lg in loggers:
+            lg.disabled = False
+
+
+def _symbolic(model: nn.Module, leaves: set[str], example_inputs, reference) -> tuple[fx.GraphModule, TraceInfo]:
     graphs = {mode: _in_mode(model, mode, lambda: _LeafTracer(leaves).trace(model)) for mode in (True, False)}
     mode = model.training
     info = TraceInfo("symbolic_trace")
@@ -130,7 +163,7 @@ def _symbolic(model: nn.Module, leaves: set[str], example_inputs) -> tuple[fx.Gr
     if example_inputs is not None:
         check = fx.GraphModule(model, graphs[False]).eval()
         with torch.no_grad():
-            same = _in_mode(model, False, lambda: _same_outputs(model(*example_inputs), check(*example_inputs)))
+            same = _same_outputs(reference, check(*example_inputs))
         if not same:
             raise TraceError("the symbolically traced graph's outputs differ from the model's")
     # built last: a graph belongs to the GraphModule built on it last, and passes add submodules to this one
@@ -237,14 +270,18 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
         mode as the model was; a mode-locked graph raises :class:`SeedrandError` when run in the other mode.
 
     Raises:
+        ModelError: the model's own forward fails on ``example_inputs``.
         TraceError: no strategy worked; the message gives each strategy's failure with the model's code line.
     """
     if isinstance(example_inputs, torch.Tensor):
         example_inputs = (example_inputs,)
+    reference = None if example_inputs is None else _reference(model, example_inputs)
     try:
-        gm, info = _symbolic(model, leaves, example_inputs)
+        with _quiet_torch():
+            gm, info = _symbolic(model, leaves, example_inputs, reference)
     except Exception as e:  # noqa: BLE001 - any failure of symbolic tracing means: try export
-        gm, info = _export_fallback(model, example_inputs, _user_frame(e, model))
+        with _quiet_torch():
+            gm, info = _export_fallback(model, example_inputs, _user_frame(e, model))
     if info.locked_mode is not None:
         gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
     return gm, info
