@@ -1,6 +1,8 @@
 """seedrand.save / seedrand.load and the state_dict of rewritten models: bit-identical round trips, weights_only
 torch.load, fingerprints that catch regenerated tensors that would change."""
 
+import json
+
 import pytest
 import torch
 from conftest import all_layers, logits
@@ -9,6 +11,8 @@ from safetensors.torch import load_file, save_file
 
 import seedrand
 from seedrand import SeedrandError
+from seedrand.checkpoint import _signed
+from seedrand.errors import CheckpointError
 
 MIXED = {"version": 1, "seed": 9, "rules": [
     {"match": {"modules": ["emb", "fc"]}, "random": {"bias": "random"}},
@@ -90,7 +94,10 @@ def test_fingerprint_mismatch_is_an_error(tmp_path):
         metadata = f.metadata()
     tensors["emb.weight_fingerprint"] = tensors["emb.weight_fingerprint"] + 1e-3
     save_file(tensors, path, metadata=metadata)
-    with pytest.raises(SeedrandError, match="emb.weight: fingerprint mismatch"):
+    with pytest.raises(CheckpointError, match="tensor 'emb.weight_fingerprint' does not match its checksum"):
+        seedrand.load(path, model)
+    save_file(tensors, path, metadata=_signed(tensors, metadata))  # checksums made anew: the fingerprint catches it
+    with pytest.raises(CheckpointError, match="emb.weight: fingerprint mismatch"):
         seedrand.load(path, model)
     state = gm.state_dict()
     state["fc.weight_seed"] += 1  # a seed whose values differ from the fingerprint
@@ -164,8 +171,8 @@ def test_collections_that_do_not_fit_are_an_error(zoo_models, tmp_path):
     tensors = load_file(path)
     with safe_open(str(path), "pt") as f:
         metadata = f.metadata()
-    save_file(tensors, path, metadata={**metadata, "collections": "[[100000]]"})
-    with pytest.raises(SeedrandError, match="removes nothing from this model"):
+    save_file(tensors, path, metadata=_signed(tensors, {**metadata, "collections": "[[100000]]"}))
+    with pytest.raises(CheckpointError, match="removes nothing from this model"):
         seedrand.load(path, model)
 
 
@@ -174,3 +181,98 @@ def test_model_rewritten_without_example_inputs_round_trips(tmp_path):
     gm = seedrand.rewrite(model, MIXED).eval()  # symbolically traced: no inputs saved, none to collect garbage with
     seedrand.save(gm, tmp_path / "m.safetensors")
     assert torch.equal(seedrand.load(tmp_path / "m.safetensors", model)(*inputs), gm(*inputs))
+
+
+def saved(tmp_path):
+    model, inputs = all_layers()
+    path = tmp_path / "m.safetensors"
+    seedrand.save(trained(model, MIXED, inputs), path)
+    return model, path
+
+
+def test_a_flipped_bit_in_a_stored_tensor_is_refused(tmp_path):
+    """Every stored tensor has a checksum: a bit flipped on disk in any tensor's bytes is caught and named."""
+    model, path = saved(tmp_path)
+    raw = bytearray(path.read_bytes())
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8:8 + size])
+    for name in ("conv3.bias", "conv2.weight.trainable", "conv2.weight.frozen"):
+        start, _ = header[name]["data_offsets"]
+        flipped = bytearray(raw)
+        flipped[8 + size + start] ^= 0x04
+        path.write_bytes(bytes(flipped))
+        with pytest.raises(CheckpointError, match=f"tensor '{name}' does not match its checksum") as info:
+            seedrand.load(path, model)
+        assert info.value.path == str(path)
+
+
+def test_changed_metadata_is_refused(tmp_path):
+    model, path = saved(tmp_path)
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    save_file(tensors, path, metadata={**metadata, "training": "true"})  # saved in eval mode; not re-signed
+    with pytest.raises(CheckpointError, match="metadata does not match its checksum"):
+        seedrand.load(path, model)
+
+
+@pytest.mark.parametrize("key,value,words", [
+    ("aliases", "{not json", ["metadata 'aliases' is not JSON"]),
+    ("training", '"yes"', ["malformed metadata training", "boolean"]),
+    ("collections", '[["a"]]', ["malformed metadata collections"]),
+    ("example_inputs", "-1", ["malformed metadata example_inputs"]),
+    ("policy", None, ["malformed metadata policy", "Field required"]),
+    ("policy", "x" * (41 << 20), ["malformed metadata policy", "at most"]),
+    ("aliases", '{"a.weight": "nowhere"}', ["alias 'a.weight' refers to 'nowhere'"]),
+])
+def test_malformed_metadata_is_a_checkpoint_error(tmp_path, key, value, words):
+    """Metadata that is well signed (as a hostile file would be) but malformed gets a CheckpointError naming the
+    file and the key, not a JSONDecodeError, KeyError or TypeError; a 41 MB policy string is refused unparsed."""
+    model, path = saved(tmp_path)
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    metadata = {k: v for k, v in metadata.items() if k != key}
+    if value is not None:
+        metadata[key] = value
+    save_file(tensors, path, metadata=_signed(tensors, metadata))
+    with pytest.raises(CheckpointError) as info:
+        seedrand.load(path, model)
+    assert str(info.value).startswith(f"{path}: ")
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_files_that_are_not_checkpoints(tmp_path):
+    model, path = saved(tmp_path)
+    raw = path.read_bytes()
+    cases = {"truncated": raw[:len(raw) // 2], "header cut": raw[:20], "empty": b""}
+    for name, data in cases.items():
+        (tmp_path / name).write_bytes(data)
+    torch.save({"x": torch.zeros(3)}, tmp_path / "torch.pt")
+    (tmp_path / "folder").mkdir()
+    for name in [*cases, "torch.pt", "folder", "absent"]:
+        with pytest.raises(CheckpointError) as info:
+            seedrand.load(tmp_path / name, model)
+        assert info.value.path == str(tmp_path / name), name
+    with pytest.raises(CheckpointError, match="folder .* does not exist"):
+        seedrand.save(seedrand.rewrite(model, MIXED), tmp_path / "no" / "such" / "m.safetensors")
+
+
+def test_a_checkpoint_never_imports_a_module(tmp_path, monkeypatch):
+    """A policy in a file naming `types: [module.Class]` of a module not imported yet does not import it (its
+    import-time code never runs): the rule gets a PolicyError instead."""
+    model, path = saved(tmp_path)
+    marker = tmp_path / "imported"
+    (tmp_path / "evil_module.py").write_text(f"open({str(marker)!r}, 'w').close()\nclass Layer: pass\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    policy = "version: 1\nrules:\n  - match: {types: [evil_module.Layer]}\n    freeze: {}\n"
+    save_file(tensors, path, metadata=_signed(tensors, {**metadata, "policy": policy}))
+    with pytest.raises(seedrand.PolicyError, match="never imports a module"):
+        seedrand.load(path, model)
+    assert not marker.exists()
+    import sys
+    assert "evil_module" not in sys.modules
