@@ -25,7 +25,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
-from .errors import SeedrandError
+from .errors import ModelError, SeedrandError, shown
 from .passes.filter_gates import FilterGate
 from .rewriter.channels import ChannelGraph, Ref
 from .rewriter.rewrite import RECORD_KEY
@@ -103,6 +103,8 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
 
     Raises:
         SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, or was rewritten without example inputs.
+        ModelError: the optimizer holds none of the model's parameters, or keeps state seedrand cannot slice
+            (LBFGS, flat or factored state); checked before anything changes, so the model is untouched.
     """
     record = _record(model)
     report = GarbageReport()
@@ -111,6 +113,7 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
     graph = ChannelGraph(model)
     removed, why = graph.removable()
     plan = _plan(model, graph, removed)
+    _check_optimizer(model, optimizer, _shrinking(plan))
     for node in model.graph.nodes:
         gate = _module(model, node)
         if not isinstance(gate, FilterGate) or not (gate.theta <= 0).any():
@@ -166,6 +169,52 @@ def _record(model: fx.GraphModule):
         raise SeedrandError("collect_garbage propagates shapes with the rewrite's example inputs: pass example_inputs "
                             "to seedrand.rewrite")
     return record
+
+
+def _shrinking(plan: list) -> list[nn.Parameter]:
+    """The parameters ``plan`` slices."""
+    return [step.args[0].tensor for step in plan if isinstance(step, functools.partial) and step.func is _slice
+            and isinstance(step.args[0].tensor, nn.Parameter)]
+
+
+def _check_optimizer(model: nn.Module, optimizer, shrinking: list[nn.Parameter]) -> None:
+    """Refuse, before anything changes, an optimizer whose state :func:`_shrink` cannot keep consistent.
+
+    Known layouts: per-parameter state made of tensors of the parameter's shape (sliced with it: momentum, Adam's
+    moments), 0-d tensors and Python scalars (steps). Anything else (LBFGS's flat vectors over all parameters,
+    factored or list-valued state) would no longer fit after the shrink.
+
+    Raises:
+        ModelError: ``optimizer`` is not a ``torch.optim.Optimizer``, holds none of the model's parameters, or
+            keeps state of another layout (names the optimizer, the state entry and the parameter).
+    """
+    if optimizer is None:
+        return
+    if not isinstance(optimizer, torch.optim.Optimizer):
+        raise ModelError(f"collect_garbage takes a torch.optim.Optimizer, not {type(optimizer).__name__}")
+    held = {id(p) for group in optimizer.param_groups for p in group["params"]}
+    names = {id(p): n for n, p in model.named_parameters(remove_duplicate=False)}
+    if not held & names.keys():
+        raise ModelError(f"the {type(optimizer).__name__} holds none of this model's parameters (built for another "
+                         "model, or for the original before seedrand.rewrite?); pass the optimizer that trains it")
+    if not any(id(p) in held for p in shrinking):
+        return
+    if isinstance(optimizer, torch.optim.LBFGS):
+        raise ModelError("LBFGS keeps its history as flat vectors over all parameters, which no longer fit once "
+                         "channels go; nothing was changed: collect garbage without the optimizer and build a new one")
+    for param, state in optimizer.state.items():
+        for key, value in state.items():
+            if torch.is_tensor(value) and (value.dim() == 0 or value.shape == param.shape):
+                continue
+            if value is None or isinstance(value, (bool, int, float)):
+                continue
+            what = f"a tensor of shape {tuple(value.shape)}" if torch.is_tensor(value) else type(value).__name__
+            name = names.get(id(param), "(not in the model)")
+            raise ModelError(
+                f"{type(optimizer).__name__}'s state {shown(key)} of parameter {name} {tuple(param.shape)} is {what}: "
+                "collect_garbage slices only per-parameter state tensors "
+                "of the parameter's shape (SGD momentum, Adam, AdamW, RMSprop, Adagrad) and changed nothing; "
+                "collect garbage without the optimizer and build a new one")
 
 
 def _apply(model: fx.GraphModule, plan: list, optimizer: Optional[torch.optim.Optimizer],

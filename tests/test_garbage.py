@@ -112,3 +112,58 @@ def test_shrinks_while_training_on_digits():
     live = gated.get_submodule("0").out_features + gated.get_submodule("2").out_features
     assert live < 2 * 256 * 0.9  # units were removed during training
     assert accuracy["gated"] >= accuracy["plain"] - 0.02, accuracy
+
+
+class FlatMomentum(torch.optim.Optimizer):
+    """A custom optimizer keeping one flat momentum vector over all its parameters (state of no known layout)."""
+
+    def __init__(self, params, lr=0.1):
+        super().__init__(params, {"lr": lr})
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        with torch.enable_grad():
+            loss = closure()
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        state = self.state[params[0]]
+        state["flat"] = state.get("flat", torch.zeros_like(flat)) * 0.9 + flat
+        offset = 0
+        for p in params:
+            p.sub_(self.param_groups[0]["lr"] * state["flat"][offset:offset + p.numel()].view_as(p))
+            offset += p.numel()
+        return loss
+
+
+@pytest.mark.parametrize("make", [
+    lambda params: torch.optim.LBFGS(params),
+    lambda params: FlatMomentum(params),
+    lambda params: torch.optim.SGD([torch.nn.Parameter(torch.zeros(3))], lr=0.1),  # another model's
+    lambda params: "not an optimizer",
+])
+def test_optimizers_it_cannot_follow_are_refused_before_any_change(zoo_models, make):
+    """collect_garbage validates the optimizer first: with one whose state it cannot slice (LBFGS, flat state), one
+    holding none of the model's parameters, or no optimizer at all, it raises and the model, its parameters and the
+    optimizer's state are as they were."""
+    model, inputs = zoo_models["mlp"]
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["0"]}, "filter_gates": {}}]},
+                          inputs)
+    params = [p for p in gm.parameters() if p.requires_grad]
+    opt = make(params)
+    if isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["params"][0] is params[0]:
+        def closure():
+            opt.zero_grad()
+            loss = gm(*inputs).square().mean()
+            loss.backward()
+            return loss
+        opt.step(closure)
+    kill(gm, fraction=0.5)
+    shapes = {n: p.shape for n, p in gm.named_parameters()}
+    code = gm.code
+    state = copy.deepcopy(opt.state_dict()) if isinstance(opt, torch.optim.Optimizer) else None
+    with pytest.raises(seedrand.errors.ModelError, match="torch.optim.Optimizer|LBFGS|'flat'|holds none"):
+        collect_garbage(gm, opt)
+    assert {n: p.shape for n, p in gm.named_parameters()} == shapes and gm.code == code
+    if state is not None:
+        assert str(opt.state_dict()) == str(state)
+    assert collect_garbage(gm).removed  # without the optimizer it goes ahead
