@@ -21,18 +21,45 @@ __all__ = ["main"]
 
 
 def _import(spec: str, option: str, example: str):
+    """The callable ``MODULE:FACTORY`` names (a command-line option the user gave: importing it is what they ask).
+
+    Raises:
+        SeedrandError: malformed spec, the module fails to import (any exception, syntax errors included), or it has
+            no such attribute (names the callables it has).
+    """
     module_name, sep, attr = spec.partition(":")
     if not sep or not attr:
         raise SeedrandError(f"{option} takes MODULE:FACTORY (e.g. {example}), got {spec!r}")
     sys.path.insert(0, ".")  # so `examples.models:make` works from the repository root
     try:
-        return getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as e:
-        raise SeedrandError(f"cannot load {spec!r}: {e}") from None
+        module = importlib.import_module(module_name)
+    except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
+        raise SeedrandError(f"{option} {spec}: importing {module_name} failed: {_one_line(e)}") from e
+    factory = getattr(module, attr, None)
+    if not callable(factory):
+        have = sorted(n for n, v in vars(module).items() if callable(v) and not n.startswith("_")
+                      and getattr(v, "__module__", None) == module.__name__)
+        raise SeedrandError(f"{option} {spec}: {module_name} has no factory {attr!r}; it has: "
+                            f"{', '.join(have) or 'no functions or classes of its own'}")
+    return factory
+
+
+def _one_line(e: BaseException) -> str:
+    message = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {message[0]}" if message else type(e).__name__
+
+
+def _call(factory, spec: str, option: str):
+    try:
+        return factory()
+    except SeedrandError:
+        raise
+    except Exception as e:  # noqa: BLE001 - the user's factory may raise anything
+        raise SeedrandError(f"{option} {spec}: the factory raised {_one_line(e)}") from e
 
 
 def _load_factory(spec: str):
-    built = _import(spec, "--model", "seedrand.zoo:gpt2")()
+    built = _call(_import(spec, "--model", "seedrand.zoo:gpt2"), spec, "--model")
     model, inputs = built if isinstance(built, tuple) else (built, None)
     if not isinstance(model, nn.Module):
         raise SeedrandError(f"{spec} returned {type(model).__name__}, not an nn.Module (or (module, inputs))")
@@ -58,6 +85,8 @@ def _export(args: argparse.Namespace) -> int:
     model, inputs = _load_factory(args.model)
     if inputs is None:
         raise SeedrandError(f"{args.model} must return (module, example_inputs): export needs example inputs")
+    if not Path(args.out).resolve().parent.is_dir():
+        raise SeedrandError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
     report = export_onnx(rewrite(model, args.policy, inputs), inputs, args.out, weights=args.weights)
     print(f"wrote {report.path}: {report.bytes:,} bytes (weights={report.weights}, opset {report.opset})")
     return 0
@@ -72,7 +101,7 @@ def _intrinsic_dimension(args: argparse.Namespace) -> int:
         dims = [int(d) for d in args.dims.split(",")]
     except ValueError:
         raise SeedrandError(f"--dims takes comma-separated integers, got {args.dims!r}") from None
-    task = _import(args.task, "--task", "seedrand.zoo:digits_task")()
+    task = _call(_import(args.task, "--task", "seedrand.zoo:digits_task"), args.task, "--task")
     result = intrinsic_dimension(task, dims, args.threshold, args.projection, args.seed, args.out)
     table = Table(title=f"intrinsic dimension ({args.projection}); direct training: {result.baseline:.4f}")
     for col in ("d", "score", "of direct"):
@@ -101,7 +130,8 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``seedrand`` console script. Returns the exit code: 0 on success, 2 on bad input."""
+    """Entry point of the ``seedrand`` console script. Returns the exit code: 0 on success, 2 on bad input (one
+    line on stderr; ``--debug`` raises instead, with the traceback), 1 on an internal error."""
     parser = argparse.ArgumentParser(prog="seedrand", description="Apply seed-regenerated-weight policies to "
                                      "PyTorch models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -135,12 +165,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--part", type=int, action="append", help="run only this part (1-5; repeatable)")
     p.add_argument("--policies", default=str(POLICIES), help="directory of the demo's policy files")
     p.set_defaults(run=_demo)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    for command in sub.choices.values():  # also after the command: `seedrand inspect ... --debug`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     try:
         return args.run(args)
     except SeedrandError as e:
+        if args.debug:
+            raise
         print(f"seedrand: error: {e}", file=sys.stderr)
         return 2
+    except Exception as e:  # noqa: BLE001 - a bug, not bad input: one line, the traceback on request
+        if args.debug:
+            raise
+        print(f"seedrand: internal error: {_one_line(e)} (run with --debug for the traceback, and please report "
+              "it)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -42,10 +42,10 @@ def test_inspect_table_and_console_script():
 
 def test_inspect_bad_policy_exits_2_with_the_line(tmp_path):
     bad = tmp_path / "bad.yaml"
-    bad.write_text("rules:\n  - match: {types: [Conv2D]}\n    freeze: {}\n")
+    bad.write_text("version: 1\nrules:\n  - match: {types: [Conv2D]}\n    freeze: {}\n")
     result = run("-m", "seedrand.cli", "inspect", str(bad), "--model", "seedrand.zoo:cnn", check=False)
     assert result.returncode == 2
-    assert f"{bad}:2:5" in result.stderr and "did you mean 'Conv2d'" in result.stderr
+    assert f"{bad}:3:5" in result.stderr and "did you mean 'Conv2d'" in result.stderr
 
 
 def test_backend_is_found_by_entry_point_without_importing_seedrand():

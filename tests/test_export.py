@@ -87,7 +87,7 @@ def test_cli_export(tmp_path, capsys):
     from seedrand.cli import main
 
     policy = tmp_path / "p.yaml"
-    policy.write_text("rules:\n  - match: {types: [Linear]}\n    random: {}\n")
+    policy.write_text("version: 1\nrules:\n  - match: {types: [Linear]}\n    random: {}\n")
     assert main(["export", str(policy), "--model", "seedrand.zoo:mlp", "--out", str(tmp_path / "m.onnx")]) == 0
     assert "wrote" in capsys.readouterr().out and (tmp_path / "m.onnx").exists()
 

@@ -161,8 +161,8 @@ def test_rounding_keeps_one_filter_trainable():
 def test_dim_in_on_embedding_names_rule_and_module(tmp_path):
     model, inputs = all_layers()
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - name: ff\n    match: {modules: [emb]}\n    freeze_fraction: {fraction: 0.5, dim: in}\n")
-    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'ff' .*'emb' \(Embedding\): dim: in on an nn.Embedding"):
+    path.write_text("version: 1\nrules:\n  - name: ff\n    match: {modules: [emb]}\n    freeze_fraction: {fraction: 0.5, dim: in}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ff' .*'emb' \(Embedding\): dim: in on an nn.Embedding"):
         seedrand.rewrite(model, path, inputs)
 
 

@@ -205,10 +205,10 @@ def test_scheduler_needs_every_slice_in_the_optimizer():
     ("{plateau: {patience: 3}}", "unknown key 'patience'"),
 ])
 def test_bad_settings_name_the_rule_and_line(settings, message):
-    text = f"seed: 0\nrules:\n  - name: g\n    match: {{modules: ['0']}}\n    grow: {settings}\n"
+    text = f"version: 1\nseed: 0\nrules:\n  - name: g\n    match: {{modules: ['0']}}\n    grow: {settings}\n"
     with pytest.raises(PolicyError, match=message) as info:
         parse_policy(text, "grow.yaml")
-    assert "grow.yaml" in str(info.value) and ":5" in str(info.value)
+    assert "grow.yaml" in str(info.value) and ":6" in str(info.value)
 
 
 def test_layers_that_cannot_grow_are_refused_and_the_model_is_untouched():

@@ -97,6 +97,6 @@ def test_width_errors_name_rule_and_module(params, message):
 def test_after_a_layer_of_unknown_output_shape_is_refused(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - name: ins\n    match: {types: [BatchNorm2d]}\n    insert_random: {}\n")
-    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'ins' .*'bn1' \(BatchNorm2d\): insert_random supports"):
+    path.write_text("version: 1\nrules:\n  - name: ins\n    match: {types: [BatchNorm2d]}\n    insert_random: {}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ins' .*'bn1' \(BatchNorm2d\): insert_random supports"):
         seedrand.rewrite(model, path, inputs)

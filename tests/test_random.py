@@ -120,8 +120,8 @@ def test_seed_determines_weights(zoo_models):
 def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
     path = tmp_path / "p.yaml"
-    path.write_text("rules:\n  - name: rnd\n    match: {types: [BatchNorm2d]}\n    random: {}\n")
-    with pytest.raises(PolicyError, match=r"p.yaml:2:5: rule 'rnd' \(rules\[0\]\): 'bn1' \(BatchNorm2d\): random "
+    path.write_text("version: 1\nrules:\n  - name: rnd\n    match: {types: [BatchNorm2d]}\n    random: {}\n")
+    with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'rnd' \(rules\[0\]\): 'bn1' \(BatchNorm2d\): random "
                                           r"supports nn.Linear"):
         seedrand.rewrite(model, path, inputs)
 

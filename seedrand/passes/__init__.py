@@ -8,6 +8,7 @@ from __future__ import annotations
 from typing import Callable
 
 import torch.fx as fx
+import torch.nn as nn
 
 from ..rewriter.match import Target
 from .filter_gates import filter_gates
@@ -16,9 +17,9 @@ from .freeze_fraction import freeze_fraction, freeze_fraction_captured
 from .grow import grow
 from .insert_random import insert_random
 from .random import random, random_captured
-from .subspace import subspace
+from .subspace import check_subspace, subspace
 
-__all__ = ["PASSES", "CAPTURED_PASSES", "per_module"]
+__all__ = ["PASSES", "CHECKS", "CAPTURED_PASSES", "per_module"]
 
 
 def per_module(fn: Callable[[fx.GraphModule, Target], None]) -> Callable[[fx.GraphModule, list[Target]], None]:
@@ -38,6 +39,12 @@ PASSES: dict[str, Callable[[fx.GraphModule, list[Target]], None]] = {
     "insert_random": per_module(insert_random),
     "random": per_module(random),
     "subspace": subspace,
+}
+
+# Checks on the model (a private copy) before it is traced: ``fn(model, targets)`` raises ``PolicyError`` for what the
+# pass would change silently; actions without an entry need none.
+CHECKS: dict[str, Callable[[nn.Module, list[Target]], None]] = {
+    "subspace": check_subspace,
 }
 
 # The same actions on graphs Dynamo captured for the ``seedrand`` backend: ``fn(gm, target, parameters)`` where

@@ -137,15 +137,16 @@ class FrozenFraction(FrozenSlice):
     ``fixed="keep"`` the frozen one is the buffer ``frozen``, its slice of ``value``).
 
     ``forward()`` takes no input and returns the assembled tensor: shape, dtype and device of ``value``'s; the frozen
-    slice gets no gradient.
+    slice gets no gradient, and the trainable one is trainable only if ``value`` was (``requires_grad`` is kept).
     """
 
     def __init__(self, value: torch.Tensor, dim: int, frozen: list[int], fixed: str,
                  stream: Optional[Stream] = None, counter_strides: Optional[tuple[int, ...]] = None):
         super().__init__(value, dim, frozen, fixed, stream, counter_strides)
-        n, value = value.shape[dim], value.detach()
+        n, requires_grad, value = value.shape[dim], value.requires_grad, value.detach()
         self.trained_list = trainable = [i for i in range(n) if i not in set(frozen)]
-        self.trainable = nn.Parameter(_take(value, dim, trainable))
+        # a tensor the user froze stays frozen (PEFT's frozen base weights): only its slices are rearranged
+        self.trainable = nn.Parameter(_take(value, dim, trainable), requires_grad=requires_grad)
         if fixed == "keep":
             self.register_buffer("frozen", _take(value, dim, frozen))
         # cat the two slices, frozen first unless it is the last block; reorder only if neither is in place

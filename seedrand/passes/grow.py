@@ -147,7 +147,8 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
     :class:`GrowingSlices` modules (see the module docstring).
 
     Raises:
-        PolicyError: the module is of another type (an embedding included), shares its weight (tied), has fewer
+        PolicyError: the module is of another type (an embedding included), shares its weight (tied), is frozen
+            (``requires_grad=False``: grow would make it trainable), has fewer
             units along ``dim`` than ``stages``, or its traced forward never reads the weight (names the module, the
             rule and its YAML line).
     """
@@ -157,6 +158,11 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
         raise target.error("grow applies to the units of nn.Linear, transformers Conv1D and nn.Conv layers, not to "
                            "the rows of an nn.Embedding")
     dim = lay.stored_dim(params.dim)
+    bias = dict(gm.named_parameters()).get(f"{qualname}.bias") if params.dim == "out" else None
+    frozen = [name for name, p in (("weight", weight), ("bias", bias)) if p is not None and not p.requires_grad]
+    if frozen:
+        raise target.error(f"its {frozen[0]} has requires_grad=False (frozen by you, PEFT or an earlier rule); grow "
+                           "trains slices of it: unfreeze it or exclude the module")
     if weight.shape[dim] < params.stages:
         raise target.error(f"its weight has {weight.shape[dim]} {'output units' if params.dim == 'out' else 'inputs'}"
                            f", fewer than stages: {params.stages}")
@@ -164,8 +170,7 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
                     group=target.rule.label, window=params.plateau.window, min_delta=params.plateau.min_delta)
     replaced = {"weight": GrowingSlices(weight, dim, init=lay.stream(target, "weight", params.init),
                                         counter_strides=lay.counter_strides(), **settings)}
-    bias = dict(gm.named_parameters()).get(f"{qualname}.bias")
-    if params.dim == "out" and bias is not None:
+    if bias is not None:
         replaced["bias"] = GrowingSlices(bias, 0, init=lay.stream(target, "bias"), **settings)
     substitute_weight(gm, target, replaced)
 

@@ -22,6 +22,7 @@ from typing import Optional
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from torch.nn.utils import parametrize
 
 from ..kernels.philox import derive_seed
 from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, materialized, project
@@ -30,7 +31,7 @@ from ..rewriter.match import Target
 from .layout import layout
 from .regenerated import FINGERPRINT_SIZE, Regenerating, Stream
 
-__all__ = ["SubspaceCoordinates", "SubspaceTensor", "subspace"]
+__all__ = ["SubspaceCoordinates", "SubspaceTensor", "subspace", "check_subspace"]
 
 
 class SubspaceCoordinates(Regenerating):
@@ -117,16 +118,23 @@ def _group(gm: fx.GraphModule, targets: list[Target], name: str) -> None:
     p = targets[0].rule.params
     members = []  # (target, parameter name, parameter, first row)
     rows = 0
+    holders: dict[int, list[str]] = {}
+    for n, param in gm.named_parameters(remove_duplicate=False):
+        holders.setdefault(id(param), []).append(n)
     for target in targets:
         owned = own_parameters(gm, target.qualname)
         if not owned:
             raise target.error("subspace needs parameters the module owns directly; it has none in the traced graph")
         for full_name, param in owned:
+            tied = [n for n in holders[id(param)] if n != full_name]
+            if tied:  # as every weight action: reparametrizing one holder would silently untie the others
+                raise target.error(f"its parameter {full_name} is tied to {', '.join(tied)}; subspace cannot "
+                                   "reparametrize one without the other (exclude the module, or untie the weights)")
             members.append((target, full_name.rpartition(".")[2], param, rows))
             rows += param.numel()
-    if p.projection in ("orthogonal", "fastfood") and p.dim > rows:
+    if p.dim > rows:  # theta_d would hold more values than the parameters it replaces (and may not fit in memory)
         raise targets[0].error(f"projection {p.projection} needs dim <= D, the number of parameters "
-                               f"({rows}); dim is {p.dim}")
+                               f"({rows:,}); dim is {p.dim:,}")
     coordinates = SubspaceCoordinates(p.dim, rows, derive_seed(targets[0].seed, name, "projection"), p.projection,
                                       p.density, p.normalize)
     tensors = {}
@@ -154,11 +162,27 @@ def _group(gm: fx.GraphModule, targets: list[Target], name: str) -> None:
             gm.graph.erase_node(node)
 
 
+def check_subspace(model: nn.Module, targets: list[Target]) -> None:
+    """Refuse, before tracing, modules whose parameters a ``torch.nn.utils.parametrize`` parametrization computes:
+    their ``parametrizations.*.original`` tensors would stay trainable beside ``theta_d``.
+
+    Raises:
+        PolicyError: a selected module is parametrized (names the module, the parametrized tensors and the rule).
+    """
+    for target in targets:
+        module = model.get_submodule(target.qualname)
+        if parametrize.is_parametrized(module):
+            names = ", ".join(module.parametrizations.keys())
+            raise target.error(f"its {names} is computed by a torch.nn.utils.parametrize parametrization, whose "
+                               "original tensors would stay trainable beside theta_d; remove the parametrization "
+                               "(parametrize.remove_parametrizations) or exclude the module")
+
+
 def subspace(gm: fx.GraphModule, targets: list[Target]) -> None:
     """Reparametrize the modules of one ``subspace`` rule (see the module docstring).
 
     Raises:
-        PolicyError: a module owns no parameters, ``dim`` exceeds ``D`` for ``orthogonal``/``fastfood``, or
+        PolicyError: a module owns no parameters or shares one (tied), ``dim`` exceeds ``D``, or
             ``theta0: random`` on a layer type without a known init (names the module, the rule and its YAML line).
     """
     if targets[0].rule.params.scope == "global":

@@ -81,15 +81,17 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
             forward fails on ``example_inputs`` (wrong shape or dtype; names the model code line).
         TraceError: no strategy could trace the model (names the code line).
     """
-    from ..passes import PASSES  # passes import the rewriter's helpers
+    from ..passes import CHECKS, PASSES  # passes import the rewriter's helpers
 
     policy = as_policy(policy)
     example_inputs = _check_arguments(model, example_inputs)
     model = copy.deepcopy(model)
     targets = resolve(policy, model)
+    groups = [list(g) for _, g in itertools.groupby(targets, key=lambda t: id(t.rule))]  # listed rule by rule
+    for group in groups:
+        CHECKS.get(group[0].rule.action, lambda *_: None)(model, group)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs)
-    for _, group in itertools.groupby(targets, key=lambda t: id(t.rule)):  # resolve lists them rule by rule
-        group = list(group)
+    for group in groups:
         PASSES[group[0].rule.action](gm, group)
     gm.graph.lint()
     gm.recompile()

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import io
 import logging
 import os
 import traceback
@@ -141,14 +142,15 @@ def _reference(model: nn.Module, example_inputs) -> Any:
 
 @contextlib.contextmanager
 def _quiet_torch():
-    """Silence torch's loggers while a tracing attempt runs: a failed attempt is reported once, by seedrand, not
-    also as torch's own multi-page log of the failure."""
+    """Silence torch's loggers and what is written to ``sys.stderr`` while a tracing attempt runs: a failed attempt
+    is reported once, by seedrand's error, not also as torch's multi-page dump of the graph it failed in."""
     loggers = [lg for name, lg in logging.root.manager.loggerDict.items()
                if name.startswith("torch") and isinstance(lg, logging.Logger) and not lg.disabled]
     for lg in loggers:
         lg.disabled = True
     try:
-        yield
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
     finally:
         for lg in loggers:
             lg.disabled = False
