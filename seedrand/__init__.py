@@ -9,7 +9,7 @@ Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summar
 
 from .checkpoint import load, save
 from .ensemble import Ensemble, ensemble
-from .errors import PolicyError, SeedrandError, TraceError
+from .errors import CheckpointError, ModelError, PolicyError, SeedrandError, TraceError
 from .export import export_onnx
 from .garbage import collect_garbage
 from .intrinsic import intrinsic_dimension
@@ -24,5 +24,4 @@ __version__ = "0.1.0"
 
 __all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
-           "Ensemble", "PolicyError",
-           "SeedrandError", "TraceError", "__version__"]
+           "Ensemble", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]

@@ -23,7 +23,7 @@ from typing import Any, Optional
 import torch
 import torch.fx as fx
 
-from .errors import SeedrandError
+from .errors import SeedrandError, shown
 
 __all__ = ["seedrand_backend"]
 
@@ -105,14 +105,20 @@ def seedrand_backend(gm: fx.GraphModule, example_inputs: list, *, options: Optio
         The compiled callable from ``torch._inductor.compile_fx.compile_fx`` (or from the ``aot_eager`` backend).
 
     Raises:
-        SeedrandError: an unsupported option; PolicyError: the policy is malformed, does not fit the captured
+        SeedrandError: options not a dict, an unsupported option, ``inductor`` not a bool; PolicyError: the policy
+            is malformed, does not fit the captured
             graph (strict matching applies to what Dynamo captured), or names an action the backend cannot apply.
     """
+    if options is not None and not isinstance(options, dict):
+        raise SeedrandError(f"the seedrand backend's options are a dict, not {type(options).__name__}")
     options = dict(options or {})
-    unknown = sorted(set(options) - _SUPPORTED_OPTIONS)
+    unknown = sorted(map(str, set(options) - _SUPPORTED_OPTIONS))
     if unknown:
-        raise SeedrandError(f"the seedrand backend does not support options {unknown} "
+        raise SeedrandError(f"the seedrand backend does not support options {[shown(k) for k in unknown]} "
                             f"(supported: {sorted(_SUPPORTED_OPTIONS)})")
+    if not isinstance(options.get("inductor", True), bool):
+        raise SeedrandError(f"the seedrand backend's option inductor is true or false, not "
+                            f"{shown(options['inductor'])}")
     if options.get("policy") is not None:
         gm = _apply_policy(gm, example_inputs, options["policy"])
     if not options.get("inductor", True):

@@ -78,6 +78,10 @@ def test_backend_refuses_unknown_options():
 
     with pytest.raises(SeedrandError, match="does not support options"):
         seedrand_backend(None, [], options={"inductor_please": True})
+    with pytest.raises(SeedrandError, match="option inductor is true or false, not 'no'"):
+        seedrand_backend(None, [], options={"inductor": "no"})
+    with pytest.raises(SeedrandError, match="options are a dict, not list"):
+        seedrand_backend(None, [], options=["policy"])
 
 
 @pytest.mark.parametrize("name,policy,frozen_prefixes", [
