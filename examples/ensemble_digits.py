@@ -1,6 +1,6 @@
-"""Cheap ensembles on digits (paper 002, section 4.3, table 4): five SmallCNNs that share a fraction R of their
-convolution filters (frozen at their random init, regenerated from one Philox key: zero bytes, no copies) and learn
-the rest, against ensembles that share all conv filters (only BatchNorm and the classifier learn, "FC") or none
+"""Cheap ensembles on digits (Rosenfeld & Tsotsos 2018, section 4.3, table 4): five SmallCNNs that share a fraction R of
+their convolution filters (frozen at their random init, regenerated from one Philox key: zero bytes, no copies) and
+learn the rest, against ensembles that share all conv filters (only BatchNorm and the classifier learn, "FC") or none
 ("Full"). Members are built by ``seedrand.ensemble``; member m >= 1 re-draws its trainable weights from its own key.
 
 Members train together from scratch on the same batches (Adam, lr 3e-3, batch 64; the sum of the members' losses,

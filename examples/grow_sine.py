@@ -1,6 +1,7 @@
-"""Growing capacity on sine regression (paper 001, section 5.1, table 5.2): one hidden layer of up to 500 tanh units
-fits sin(x) on [-2 pi, 2 pi]; static networks of 100 and 500 units against one that starts at 100 and grows by a
-fifth, freezing what it trained, whenever its training loss plateaus (``examples/policies/sine_grow.yaml``).
+"""Growing capacity on sine regression (the dynamic network capacity thesis, section 5.1, table 5.2): one hidden layer
+of up to 500 tanh units fits sin(x) on [-2 pi, 2 pi]; static networks of 100 and 500 units against one that starts at
+100 and grows by a fifth, freezing what it trained, whenever its training loss plateaus
+(``examples/policies/sine_grow.yaml``).
 
 Each run trains with Adam (lr 1e-3, the paper's optimizer) on fresh uniform batches and records the test MSE on a
 fixed grid of 1,000 points after every epoch (one "sample" of the paper's curves); "final-10" is the mean and
@@ -113,7 +114,8 @@ def main() -> None:
     for (method, runs), color in zip(curves.items(), ("tab:blue", "tab:orange", "tab:green")):
         epochs = range(1, len(runs[0]) + 1)
         ax.plot(epochs, [statistics.median(e) for e in zip(*runs)], label=f"{method} (median of seeds)", color=color)
-    ax.set(yscale="log", xlabel="epoch", ylabel="test MSE", title="sin(x) on [-2 pi, 2 pi] (paper 001, fig. 5.1)")
+    ax.set(yscale="log", xlabel="epoch", ylabel="test MSE",
+           title="sin(x) on [-2 pi, 2 pi] (dynamic network capacity thesis, fig. 5.1)")
     ax.legend()
     fig.tight_layout()
     fig.savefig(args.out / "grow_sine.png", dpi=120)

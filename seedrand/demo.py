@@ -1,14 +1,14 @@
 """``seedrand demo``: every part of seedrand on real data (scikit-learn's bundled digits, no download), reproducing the
 papers' headline experiments at laptop scale, through the public API and the policy files in ``examples/policies/``.
 
-1. Freeze fraction (paper 002, figure 1): a small CNN learning a fraction of each conv layer's filters, the rest fixed
-   at their seed-regenerated random init or zeroed; test accuracy against learned parameters.
-2. Random layers (paper 000): an MLP whose hidden layers are regenerated from their seed in every forward and
-   backward, against the same MLP fully trained and with its hidden layers frozen but stored: accuracy, stored bytes,
-   peak training memory.
-3. ShrinkNets (paper 004, figure 1): a one-hidden-layer MLP with far too many units, gated, trained with several
-   L1 weights lambda; ``collect_garbage`` removes dead units during training with the optimizer kept.
-4. Subspace training (paper 003): accuracy against the subspace dimension ``d`` and ``d90``.
+1. Freeze fraction (Rosenfeld & Tsotsos 2018, figure 1): a small CNN learning a fraction of each conv layer's filters,
+   the rest fixed at their seed-regenerated random init or zeroed; test accuracy against learned parameters.
+2. Random layers (van den Heuvel & Sladek 2020): an MLP whose hidden layers are regenerated from their seed in every
+   forward and backward, against the same MLP fully trained and with its hidden layers frozen but stored: accuracy,
+   stored bytes, peak training memory.
+3. ShrinkNets (Leclerc et al., ShrinkNets, figure 1): a one-hidden-layer MLP with far too many units, gated, trained
+   with several L1 weights lambda; ``collect_garbage`` removes dead units during training with the optimizer kept.
+4. Subspace training (Minut 2023): accuracy against the subspace dimension ``d`` and ``d90``.
 5. Deployment: the shrunk model of part 3 compiled with ``backend="seedrand"`` and exported to ONNX; the random MLP
    of part 2 exported in both weight modes; onnxruntime accuracy against PyTorch's, file sizes.
 
@@ -153,7 +153,8 @@ def _plot(path: Path, draw: Callable, xlabel: str, ylabel: str, title: str, log_
 
 
 def _part_freeze_fraction(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
-    """Part 1 (paper 002, figure 1): test accuracy of the digits CNN learning a fraction of each conv's filters."""
+    """Part 1 (Rosenfeld & Tsotsos 2018, figure 1): test accuracy of the digits CNN learning a fraction of each conv's
+    filters."""
     base = _policy("cnn_freeze_fraction.yaml", policies)
     images = lambda x: x.view(-1, 1, 8, 8)  # noqa: E731
     x, x_test = images(data.x_train), images(data.x_test)
@@ -222,7 +223,7 @@ def _peak_training_bytes(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> 
 
 
 def _part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
-    """Part 2 (paper 000): hidden layers regenerated from a seed vs stored frozen vs trained."""
+    """Part 2 (van den Heuvel & Sladek 2020): hidden layers regenerated from a seed vs stored frozen vs trained."""
     policy = _policy("mlp_random_hidden.yaml", policies)
     freeze = Policy.from_dict({**policy.model_dump(by_alias=True, exclude_none=True),
                                     "rules": [{"match": policy.rules[0].match.model_dump(), "freeze": {}}]})
@@ -255,7 +256,7 @@ def _part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: 
 
 
 def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
-    """Part 3 (paper 004, figure 1): live hidden units and loss over training for several lambdas."""
+    """Part 3 (Leclerc et al., ShrinkNets, figure 1): live hidden units and loss over training for several lambdas."""
     policy = _policy("mlp_filter_gates.yaml", policies)
     rows, curves, shrunk = [], {}, None
     for lam in tqdm((0.0, *s.lambdas), desc="3 ShrinkNets", unit="lambda"):
@@ -288,7 +289,7 @@ def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Pat
 
 
 def _part_subspace(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path) -> dict:
-    """Part 4 (paper 003): the intrinsic-dimension sweep with the policy's projection and match."""
+    """Part 4 (Minut 2023): the intrinsic-dimension sweep with the policy's projection and match."""
     rule = _policy("mlp_subspace.yaml", policies).rules[0]
     task = zoo.digits_task(steps=s.subspace_steps)
     task = Task(task.model_factory, task.train_fn, task.eval_fn, task.example_inputs,

@@ -1,7 +1,7 @@
 """``seedrand.ensemble``: cheap ensembles whose members share every frozen or regenerated weight and differ only in
-their trainable slices (paper 002, section 4.3, "Share-Conv-R": "keeping a fixed backbone subset of parameters and
-re-training only a small set ... cheap ensemble models which are nevertheless diverse enough to outperform a single
-model").
+their trainable slices (Rosenfeld & Tsotsos 2018, section 4.3, "Share-Conv-R": "keeping a fixed backbone subset of
+parameters and re-training only a small set ... cheap ensemble models which are nevertheless diverse enough to
+outperform a single model").
 
 The policy is applied once; each member is a copy of the rewritten model in which
 

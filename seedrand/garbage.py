@@ -1,5 +1,5 @@
-"""``seedrand.collect_garbage``: remove dead channels from a rewritten model in place (paper 004, ShrinkNets: dead
-channels are removed during training by propagating removal events through the graph).
+"""``seedrand.collect_garbage``: remove dead channels from a rewritten model in place (Leclerc, Castro Fernandez &
+Madden, ShrinkNets: dead channels are removed during training by propagating removal events through the graph).
 
 The channel dependency graph (:class:`seedrand.rewriter.channels.ChannelGraph`) says which channels are provably
 dead (gates with ``theta <= 0``, zero weight rows with zero bias, channels no layer reads) and which must go

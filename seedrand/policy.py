@@ -65,7 +65,7 @@ class Random(_Strict):
 
 
 class InsertRandom(_Strict):
-    """``insert_random``: ``count`` new random layers after the matched module (paper 000)."""
+    """``insert_random``: ``count`` new random layers after the matched module (van den Heuvel & Sladek 2020)."""
 
     width: Optional[int] = Field(default=None, ge=1)
     count: int = Field(default=1, ge=1)
@@ -120,7 +120,8 @@ class Plateau(_Strict):
 class Grow(_Strict):
     """``grow``: the layer's output units (``dim: out``) or inputs (``dim: in``) split into ``stages`` equal slices,
     ``start`` of them active at first; :class:`seedrand.CapacityScheduler` activates the next one on a plateau of the
-    loss (paper 001, section 5.1), freezing the slices trained so far when ``freeze_previous``."""
+    loss (the dynamic network capacity thesis, section 5.1), freezing the slices trained so far when
+    ``freeze_previous``."""
 
     stages: int = Field(default=5, ge=2)
     start: int = Field(default=1, ge=1)

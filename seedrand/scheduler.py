@@ -1,6 +1,6 @@
-"""``seedrand.CapacityScheduler``: grows the layers of ``grow`` rules when the training loss plateaus (paper 001,
-section 5.1: track the moving average of the error; when it stops improving, add the next slice of capacity and
-freeze the capacity trained so far).
+"""``seedrand.CapacityScheduler``: grows the layers of ``grow`` rules when the training loss plateaus (the dynamic
+network capacity thesis, section 5.1: track the moving average of the error; when it stops improving, add the next slice
+of capacity and freeze the capacity trained so far).
 
 Plateau, per rule (its ``plateau: {window, min_delta}``): after each step the moving average of the last ``window``
 losses is compared with its lowest value since the stage began; when it has not fallen below that best by more than

@@ -1,5 +1,6 @@
-"""`seedrand.ensemble` (paper 002, section 4.3): members share frozen and regenerated weights (one storage or one
-seed), differ in their trainable slices, train independently, and are accounted once by `seedrand.summary`."""
+"""`seedrand.ensemble` (Rosenfeld & Tsotsos 2018, section 4.3): members share frozen and regenerated weights (one
+storage or one seed), differ in their trainable slices, train independently, and are accounted once by
+`seedrand.summary`."""
 
 import pytest
 import torch

@@ -1,6 +1,6 @@
-"""The `grow` action and `seedrand.CapacityScheduler` (paper 001, section 5.1): staged capacity, transitions on
-plateaus only, frozen slices that stay frozen, optimizer state across transitions, init of new units, checkpoints,
-removal of inactive units, and errors."""
+"""The `grow` action and `seedrand.CapacityScheduler` (the dynamic network capacity thesis, section 5.1): staged
+capacity, transitions on plateaus only, frozen slices that stay frozen, optimizer state across transitions, init of new
+units, checkpoints, removal of inactive units, and errors."""
 
 import copy
 

@@ -1,4 +1,5 @@
-"""Custom ops that multiply by a weight regenerated from its Philox key, never stored (paper 000, appendix 7.1).
+"""Custom ops that multiply by a weight regenerated from its Philox key, never stored (van den Heuvel & Sladek 2020,
+appendix 7.1).
 
 ``seedrand::regen_matmul(x, seed, out_features, in_features, scale, normal, transpose, chunk_bytes)`` computes
 ``x @ W.T`` (``transpose=False``; ``x[..., in_features]`` -> ``[..., out_features]``) or ``x @ W``
@@ -192,7 +193,7 @@ def frozen_weight(trainable: torch.Tensor, source: torch.Tensor, trained: torch.
     """The whole ``(out_features, in_features)`` weight of :func:`frozen_matmul`, assembled (its torch reference):
     the ``trained`` rows (columns) from ``trainable``, the others regenerated at their row-major counters of the
     whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``), in ``dtype``. Arguments as
-    :func:`frozen_matmul`; returns a new tensor on ``trainable``'s device (paper 002, section 3).
+    :func:`frozen_matmul`; returns a new tensor on ``trainable``'s device (Rosenfeld & Tsotsos 2018, section 3).
 
     Raises:
         ValueError: ``kind`` is not ``"uniform"``, ``"normal"`` or ``"zero"`` (from ``init.sample``)."""
@@ -205,7 +206,7 @@ def frozen_matmul_reference(x: torch.Tensor, trainable: torch.Tensor, source: to
                             chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> torch.Tensor:
     """The torch implementation of :func:`frozen_matmul` (CPU and float64): ``x @ frozen_weight(...).T`` with the
     weight assembled and multiplied in blocks of rows of at most ``chunk_bytes`` (never whole). Arguments, result
-    and errors as :func:`frozen_matmul` (paper 002, section 3)."""
+    and errors as :func:`frozen_matmul` (Rosenfeld & Tsotsos 2018, section 3)."""
     out_features, in_features = frozen_weight_shape(trainable, source, trained_dim)
     return _blockwise_matmul(
         x, lambda rows: _frozen_rows(trainable, source, trained, trained_dim, seed, scale, kind, x.dtype, rows),
@@ -216,9 +217,9 @@ def frozen_matmul_reference(x: torch.Tensor, trainable: torch.Tensor, source: to
 def frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor,
                   trained_dim: int, seed: int, scale: float, kind: str, transpose: bool) -> torch.Tensor:
     """``x @ W.T`` (or ``x @ W`` with ``transpose``) for a ``freeze_fraction`` weight ``W`` of which only the trained
-    rows (``trained_dim`` 0, frozen filters) or columns (1, frozen inputs) are stored (paper 002, section 3): on CUDA,
-    for up to ``FUSED_MAX_ROWS`` rows of ``x``, one Triton launch loads them and generates the frozen ones in
-    registers (:func:`seedrand.kernels.triton_regen.triton_frozen_matmul`); otherwise :func:`frozen_matmul_reference`
+    rows (``trained_dim`` 0, frozen filters) or columns (1, frozen inputs) are stored (Rosenfeld & Tsotsos 2018,
+    section 3): on CUDA, for up to ``FUSED_MAX_ROWS`` rows of ``x``, one Triton launch loads them and generates the
+    frozen ones in registers (:func:`seedrand.kernels.triton_regen.triton_frozen_matmul`); otherwise :func:`frozen_matmul_reference`
     assembles ``W`` a few MiB of rows at a time.
 
     Args:

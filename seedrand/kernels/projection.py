@@ -1,8 +1,8 @@
 """Random projections ``P`` (``D x d``) for subspace training, ``theta = theta0 + P @ theta_d``, regenerated from a
-Philox key and never materialized whole (paper 003; Li et al. 2018, "Measuring the intrinsic dimension of objective
+Philox key and never materialized whole (Minut 2023; Li et al. 2018, "Measuring the intrinsic dimension of objective
 landscapes").
 
-Scaling: ``P`` maps the ``d``-dimensional subspace to the ``D`` parameters, so (paper 003, section 2.3: "swap D and
+Scaling: ``P`` maps the ``d``-dimensional subspace to the ``D`` parameters, so (Minut 2023, section 2.3: "swap D and
 d") every projection is scaled for that direction: its columns have unit norm in expectation, as in Li et al.
 (entries of variance ``1/D``):
 

@@ -1,5 +1,5 @@
-"""Triton kernels that regenerate weight tiles in registers (paper 000: a regenerated weight costs no memory
-traffic): a matmul with a weight that is never loaded, and a fill for the weights of convolutions.
+"""Triton kernels that regenerate weight tiles in registers (van den Heuvel & Sladek 2020: a regenerated weight costs no
+memory traffic): a matmul with a weight that is never loaded, and a fill for the weights of convolutions.
 
 * :func:`triton_regen_matmul` computes ``x @ W.T`` (``transpose=False``) or ``x @ W`` (``transpose=True``) for the
   ``(out_features, in_features)`` weight ``W[o, i] = U(-scale, scale)`` or ``N(0, scale**2)`` at stream element
@@ -279,10 +279,10 @@ def triton_regen_matmul(x: torch.Tensor, seed: int, out_features: int, in_featur
 def triton_frozen_matmul(x: torch.Tensor, trainable: torch.Tensor, source: torch.Tensor, trained_dim: int,
                          seed: int, scale: float, kind: str, transpose: bool,
                          splits: Optional[int] = None) -> torch.Tensor:
-    """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch (paper 002, section 3: a fraction of
-    the filters fixed at their random init or zero): the trainable rows (``trained_dim`` 0) or columns (1) of ``W``
-    are loaded from ``trainable``, the frozen ones generated in registers at their counters ``o * in_features + i``
-    of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``). The torch reference is
+    """``x @ W.T`` (``x @ W``) for a ``freeze_fraction`` weight in one launch (Rosenfeld & Tsotsos 2018, section 3: a
+    fraction of the filters fixed at their random init or zero): the trainable rows (``trained_dim`` 0) or columns (1)
+    of ``W`` are loaded from ``trainable``, the frozen ones generated in registers at their counters ``o * in_features +
+    i`` of the whole weight (``kind`` ``"uniform"``/``"normal"``) or zero (``"zero"``). The torch reference is
     :func:`seedrand.kernels.ops.frozen_matmul_reference`.
 
     Args:

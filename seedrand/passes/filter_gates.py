@@ -1,6 +1,6 @@
-"""The ``filter_gates`` action (paper 004, ShrinkNets): a Filter layer ``y = x * max(0, theta)`` with one ``theta``
-per channel after each matched module, trained with an L1 penalty ``lambda * |theta|`` so that channels die
-(``theta <= 0`` makes the channel exactly zero).
+"""The ``filter_gates`` action (Leclerc, Castro Fernandez & Madden, ShrinkNets): a Filter layer ``y = x * max(0,
+theta)`` with one ``theta`` per channel after each matched module, trained with an L1 penalty ``lambda * |theta|`` so
+that channels die (``theta <= 0`` makes the channel exactly zero).
 
 Channels are dimension 1 after a ``Conv{1,2,3}d`` and the last dimension after ``Linear``/``Conv1D``/``Embedding``.
 ``placement: auto`` puts the gate after a BatchNorm that is the layer's only consumer (the ShrinkNets order

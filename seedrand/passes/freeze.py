@@ -1,5 +1,5 @@
-"""The ``freeze`` action: make a module's own parameters non-trainable, values kept (papers 002, table 1: "learn
-only BatchNorm" / "learn only one block" are one freeze rule with an ``exclude``)."""
+"""The ``freeze`` action: make a module's own parameters non-trainable, values kept (Rosenfeld & Tsotsos 2018, table 1:
+"learn only BatchNorm" / "learn only one block" are one freeze rule with an ``exclude``)."""
 
 from __future__ import annotations
 

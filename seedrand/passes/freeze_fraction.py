@@ -1,6 +1,7 @@
 """The ``freeze_fraction`` action: freeze a fraction of a layer's output filters (``dim: out``) or input channels
-(``dim: in``) and train the rest (paper 002, section 3: the frozen set ``W_f`` is fixed at its random init or zeroed;
-paper 001, listing 4.1: slice the weight, stop the gradient on the fixed slice, re-assemble).
+(``dim: in``) and train the rest (Rosenfeld & Tsotsos 2018, section 3: the frozen set ``W_f`` is fixed at its random
+init or zeroed; the dynamic network capacity thesis, listing 4.1: slice the weight, stop the gradient on the fixed
+slice, re-assemble).
 
 Of the ``n`` filters along the chosen dimension, ``n_frozen = min(floor(fraction * n + 1/2), n - 1)`` are frozen
 (round half up; at least one stays trainable), chosen by ``select``: the first ones, the last ones, or ``random``
@@ -64,9 +65,10 @@ def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]
 
 
 class FrozenSlice(Regenerating):
-    """The frozen slice, along ``dim``, of a ``freeze_fraction`` tensor (paper 002, section 3; paper 001, listing
-    4.1), and :meth:`forward` that writes it over a whole tensor (what the ``seedrand`` backend's captured graphs
-    use: the user's parameter stays whole and only the frozen slice of it is replaced).
+    """The frozen slice, along ``dim``, of a ``freeze_fraction`` tensor (Rosenfeld & Tsotsos 2018, section 3; the
+    dynamic network capacity thesis, listing 4.1), and :meth:`forward` that writes it over a whole tensor (what the
+    ``seedrand`` backend's captured graphs use: the user's parameter stays whole and only the frozen slice of it is
+    replaced).
 
     Args:
         value: the current tensor, any shape and float dtype.

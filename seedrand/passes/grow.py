@@ -1,7 +1,7 @@
-"""The ``grow`` action: capacity that grows in stages while the capacity trained so far is frozen (paper 001,
-section 5.1: "split the network into fifths ... after it fails to [improve] within the last 10 batches, we proceed
-to increase the capacity of the network by a fifth, but also freeze the existing capacity"; listing 4.1: slice the
-weight, stop the gradient on the fixed slice, re-assemble).
+"""The ``grow`` action: capacity that grows in stages while the capacity trained so far is frozen (the dynamic network
+capacity thesis, section 5.1: "split the network into fifths ... after it fails to [improve] within the last 10 batches,
+we proceed to increase the capacity of the network by a fifth, but also freeze the existing capacity"; listing 4.1:
+slice the weight, stop the gradient on the fixed slice, re-assemble).
 
 The ``n`` output units (``dim: out``) or inputs (``dim: in``) of a matched layer are split into ``stages`` slices of
 equal size (the first ``n % stages`` one larger, as ``torch.tensor_split``). Each slice is its own ``nn.Parameter``,

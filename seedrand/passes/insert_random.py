@@ -1,6 +1,6 @@
-"""The ``insert_random`` action (paper 000, "introducing new random layers"; residual random layers with one
-trainable scale per layer or per unit): ``count`` new layers whose weights are regenerated from Philox keys, inserted
-after a module's output.
+"""The ``insert_random`` action (van den Heuvel & Sladek 2020, "introducing new random layers"; residual random layers
+with one trainable scale per layer or per unit): ``count`` new layers whose weights are regenerated from Philox keys,
+inserted after a module's output.
 
 After a ``Linear``/``Conv1D``/``Embedding`` (features on the last dimension) the new layers are
 :class:`~seedrand.passes.random.RandomLinear`; after a ``Conv{1,2,3}d`` (channels on dimension 1) they are 1x1

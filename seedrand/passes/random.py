@@ -1,6 +1,6 @@
-"""The ``random`` action (paper 000): a layer whose weight is non-trainable and regenerated from its Philox key on
-every use, forward and backward, so it stores zero bytes. Handles ``nn.Linear``, transformers' ``Conv1D`` (GPT-2),
-``nn.Conv1d/2d/3d`` with zero padding and ``nn.Embedding``, on graphs from either tracing strategy.
+"""The ``random`` action (van den Heuvel & Sladek 2020): a layer whose weight is non-trainable and regenerated from its
+Philox key on every use, forward and backward, so it stores zero bytes. Handles ``nn.Linear``, transformers' ``Conv1D``
+(GPT-2), ``nn.Conv1d/2d/3d`` with zero padding and ``nn.Embedding``, on graphs from either tracing strategy.
 
 The weight's Philox key is ``derive_seed(seed, qualname, "weight")``; its elements use the counters of
 ``seedrand.passes.layout`` (row-major in ``(out, in, *kernel)``, for ``Conv1D`` too, whose stored weight is the

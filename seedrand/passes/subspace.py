@@ -1,9 +1,9 @@
 """The ``subspace`` action: train the matched modules' parameters in a random subspace, ``theta = theta0 + P @
-theta_d`` (Li et al. 2018, "Measuring the intrinsic dimension of objective landscapes"; paper 003: per-layer
+theta_d`` (Li et al. 2018, "Measuring the intrinsic dimension of objective landscapes"; Minut 2023: per-layer
 ``K = P W``).
 
 Every parameter the matched module owns directly (weight and bias alike, in ``named_parameters`` order) is a slice of
-the flat ``theta`` of its group: one group per module (``scope: per_layer``, paper 003) or one for all modules the rule
+the flat ``theta`` of its group: one group per module (``scope: per_layer``, Minut 2023) or one for all modules the rule
 matched (``scope: global``, Li et al.). A group's :class:`SubspaceCoordinates` holds ``theta_d`` (``(dim,)``, zero at
 start, so the model starts exactly at ``theta0``: the only trainable tensor) and regenerates the ``D x dim``
 projection ``P`` (``seedrand.kernels.projection``; Philox key ``derive_seed(seed, group, "projection")``) on every

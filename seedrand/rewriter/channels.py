@@ -1,6 +1,6 @@
 """The channel dependency graph of a traced model: which channels of which tensors must be removed together, which
-are provably zero, and which reads would notice their removal (paper 004's removal events; the dependency groups of
-Torch-Pruning's DepGraph, minus its habit of treating unknown ops as element-wise).
+are provably zero, and which reads would notice their removal (the removal events of Leclerc et al.'s ShrinkNets; the
+dependency groups of Torch-Pruning's DepGraph, minus its habit of treating unknown ops as element-wise).
 
 Works on symbolically traced graphs (``call_module`` layers, torch functions, tensor methods) and on exported ones
 (``aten`` ops reading ``get_attr`` parameters), so on ``transformers`` models too.
