@@ -26,4 +26,4 @@ random_mlp = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"types": 
 out_dir = tempfile.mkdtemp()
 for weights in ("seed", "materialize"):
     report = seedrand.export_onnx(random_mlp, x, f"{out_dir}/mlp_{weights}.onnx", weights=weights)
-    print(f"{weights}: {report.bytes:,} bytes")  # seed: 70,237 bytes; materialize: 5,262,628 bytes
+    print(f"{weights}: {report.bytes:,} bytes")  # seed: 79,822 bytes; materialize: 5,264,180 bytes

@@ -5,23 +5,59 @@ Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summar
 :func:`export_onnx`, :func:`intrinsic_dimension`, :func:`penalty`, :func:`gate_parameters`, :func:`collect_garbage`,
 :class:`CapacityScheduler` and :func:`drop_inactive` (``grow``), :func:`ensemble`; errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
+
+Names are imported on first use (PEP 562), so ``import seedrand`` and ``seedrand --help`` do not import torch.
 """
 
-from .checkpoint import load, save
-from .ensemble import Ensemble, ensemble
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING
+
 from .errors import CheckpointError, ModelError, PolicyError, SeedrandError, TraceError
-from .export import export_onnx
-from .garbage import collect_garbage
-from .intrinsic import intrinsic_dimension
-from .passes.filter_gates import gate_parameters, penalty
-from .passes.grow import drop_inactive
-from .policy import Policy, load_policy
-from .rewriter import rewrite
-from .scheduler import CapacityScheduler
-from .summary import summary
+
+if TYPE_CHECKING:  # for type checkers and the documentation; at run time __getattr__ imports on first use
+    from .checkpoint import load, save
+    from .ensemble import Ensemble, ensemble
+    from .export import export_onnx
+    from .garbage import collect_garbage
+    from .intrinsic import intrinsic_dimension
+    from .passes.filter_gates import gate_parameters, penalty
+    from .passes.grow import drop_inactive
+    from .policy import Policy, load_policy
+    from .rewriter import rewrite
+    from .scheduler import CapacityScheduler
+    from .summary import summary
 
 __version__ = "0.1.0"
+
+# public name -> the module (relative to this package) that defines it
+_LAZY = {
+    "load": ".checkpoint", "save": ".checkpoint",
+    "Ensemble": ".ensemble", "ensemble": ".ensemble",
+    "export_onnx": ".export",
+    "collect_garbage": ".garbage",
+    "intrinsic_dimension": ".intrinsic",
+    "gate_parameters": ".passes.filter_gates", "penalty": ".passes.filter_gates",
+    "drop_inactive": ".passes.grow",
+    "Policy": ".policy", "load_policy": ".policy",
+    "rewrite": ".rewriter",
+    "CapacityScheduler": ".scheduler",
+    "summary": ".summary",
+}
 
 __all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
            "Ensemble", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name], __name__), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module 'seedrand' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))

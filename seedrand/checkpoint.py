@@ -115,6 +115,9 @@ def save(model: fx.GraphModule, path: Union[str, Path]) -> None:
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes the file private; give it the mode open() would
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import sys
 from pathlib import Path
 
-import torch.nn as nn
-from rich.console import Console
-
-from .demo import POLICIES
 from .errors import SeedrandError
 
 __all__ = ["main"]
@@ -27,12 +24,21 @@ def _import(spec: str, option: str, example: str):
         SeedrandError: malformed spec, the module fails to import (any exception, syntax errors included), or it has
             no such attribute (names the callables it has).
     """
-    module_name, sep, attr = spec.partition(":")
-    if not sep or not attr:
-        raise SeedrandError(f"{option} takes MODULE:FACTORY (e.g. {example}), got {spec!r}")
-    sys.path.insert(0, ".")  # so `examples.models:make` works from the repository root
+    module_name, sep, attr = spec.rpartition(":")
+    if not sep or not attr or not module_name:
+        raise SeedrandError(f"{option} takes MODULE:FACTORY, a module you can import and a function in it that "
+                            f"returns the model (e.g. {example}, or path/to/models.py:make), got {spec!r}")
     try:
-        module = importlib.import_module(module_name)
+        module = _module(module_name)
+    except FileNotFoundError:
+        raise SeedrandError(f"{option} {spec}: no Python file {module_name} (paths are relative to the folder "
+                            "seedrand runs in)") from None
+    except ModuleNotFoundError as e:
+        hint = ""
+        if e.name == module_name.partition(".")[0]:
+            hint = (f"; run seedrand from the folder that holds {module_name.replace('.', '/')}.py, or pass "
+                    f"path/to/{module_name.rpartition('.')[2]}.py:{attr}")
+        raise SeedrandError(f"{option} {spec}: importing {module_name} failed: {_one_line(e)}{hint}") from e
     except Exception as e:  # noqa: BLE001 - the user's module may raise anything at import
         raise SeedrandError(f"{option} {spec}: importing {module_name} failed: {_one_line(e)}") from e
     factory = getattr(module, attr, None)
@@ -42,6 +48,23 @@ def _import(spec: str, option: str, example: str):
         raise SeedrandError(f"{option} {spec}: {module_name} has no factory {attr!r}; it has: "
                             f"{', '.join(have) or 'no functions or classes of its own'}")
     return factory
+
+
+def _module(name: str):
+    """The module ``name`` (a dotted module, importable from the working folder too) or the Python file at path
+    ``name`` (``models.py``, ``path/to/models.py``), imported as a module named after the file."""
+    if not name.endswith(".py"):
+        sys.path.insert(0, ".")  # so `examples.models:make` works from the repository root
+        return importlib.import_module(name)
+    path = Path(name).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(name)
+    sys.path.insert(0, str(path.parent))  # the file's own imports of its neighbours
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def _one_line(e: BaseException) -> str:
@@ -58,7 +81,15 @@ def _call(factory, spec: str, option: str):
         raise SeedrandError(f"{option} {spec}: the factory raised {_one_line(e)}") from e
 
 
+def _console():
+    from rich.console import Console
+
+    return Console(width=None if sys.stdout.isatty() else 160)  # pipes get whole names, unfolded
+
+
 def _load_factory(spec: str):
+    import torch.nn as nn
+
     built = _call(_import(spec, "--model", "seedrand.zoo:gpt2"), spec, "--model")
     model, inputs = built if isinstance(built, tuple) else (built, None)
     if not isinstance(model, nn.Module):
@@ -74,7 +105,7 @@ def _inspect(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
-        Console(width=None if sys.stdout.isatty() else 160).print(report)  # pipes get whole names, unfolded
+        _console().print(report)
     return 0
 
 
@@ -89,6 +120,8 @@ def _export(args: argparse.Namespace) -> int:
         raise SeedrandError(f"--out {args.out}: folder {Path(args.out).parent} does not exist")
     report = export_onnx(rewrite(model, args.policy, inputs), inputs, args.out, weights=args.weights)
     print(f"wrote {report.path}: {report.bytes:,} bytes (weights={report.weights}, opset {report.opset})")
+    if report.note:
+        print(f"note: {report.note}")
     return 0
 
 
@@ -108,7 +141,7 @@ def _intrinsic_dimension(args: argparse.Namespace) -> int:
         table.add_column(col, justify="right")
     for d, score in zip(result.dims, result.scores):
         table.add_row(str(d), f"{score:.4f}", f"{score / result.baseline:.1%}")
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(table)
     name = f"d{round(100 * result.threshold)}"
     console.print(f"{name} = {result.d_threshold}" if result.d_threshold else f"{name}: not reached; try larger dims")
@@ -123,7 +156,7 @@ def _demo(args: argparse.Namespace) -> int:
     from .demo import run_demo
 
     results = run_demo(args.out, args.quick, args.part, args.policies)
-    console = Console(width=None if sys.stdout.isatty() else 160)
+    console = _console()
     console.print(Markdown((Path(args.out) / "results.md").read_text()))
     console.print(f"wrote results.json, results.md and plots to {args.out}/ in {results['settings']['seconds']:.0f} s")
     return 0
@@ -159,11 +192,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for intrinsic_dimension.csv and intrinsic_dimension.png")
     p.set_defaults(run=_intrinsic_dimension)
     p = sub.add_parser("demo", help="every part of seedrand on scikit-learn's digits: freeze fraction, random layers, "
-                       "ShrinkNets, subspace, compile and ONNX (a few minutes on 2 CPU cores)")
+                       "ShrinkNets, subspace, compile and ONNX (about 3 minutes on 2 CPU cores)")
     p.add_argument("--out", default="seedrand-demo", help="directory for results.json, results.md and the plots")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every part in under a minute")
     p.add_argument("--part", type=int, action="append", help="run only this part (1-5; repeatable)")
-    p.add_argument("--policies", default=str(POLICIES), help="directory of the demo's policy files")
+    p.add_argument("--policies", help="directory of the demo's policy files (default: examples/policies of the "
+                   "source checkout)")
     p.set_defaults(run=_demo)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for command in sub.choices.values():  # also after the command: `seedrand inspect ... --debug`

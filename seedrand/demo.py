@@ -328,14 +328,14 @@ PARTS = {1: "freeze fraction", 2: "random layers", 3: "ShrinkNets", 4: "subspace
 
 
 def run_demo(out: str | Path = "seedrand-demo", quick: bool = False, parts: Optional[list[int]] = None,
-             policies: str | Path = POLICIES) -> dict:
+             policies: Optional[str | Path] = None) -> dict:
     """Run the demo (see the module docstring) and write ``results.json``, ``results.md`` and the plots to ``out``.
 
     Args:
         out: output directory (created).
         quick: tiny sizes (under a minute) instead of :meth:`DemoSettings.full`.
         parts: which parts to run (1-5; default all). Part 5 trains the models of parts 2 and 3 if they are not run.
-        policies: directory holding the demo's policy files (default: ``examples/policies`` of the source tree).
+        policies: directory holding the demo's policy files (``None``: ``examples/policies`` of the source tree).
 
     Returns:
         The results as a JSON-ready dict keyed by part number.
@@ -346,7 +346,7 @@ def run_demo(out: str | Path = "seedrand-demo", quick: bool = False, parts: Opti
     parts = sorted(set(parts or PARTS))
     if not set(parts) <= set(PARTS):
         raise SeedrandError(f"--part takes numbers in 1-5, got {parts}")
-    s, out, policies = DemoSettings.quick() if quick else DemoSettings.full(), Path(out), Path(policies)
+    s, out, policies = DemoSettings.quick() if quick else DemoSettings.full(), Path(out), Path(policies or POLICIES)
     out.mkdir(parents=True, exist_ok=True)
     data = zoo.digits_data()
     results, started = {}, time.perf_counter()

@@ -28,6 +28,7 @@ import torch
 import torch.nn as nn
 
 from .errors import SeedrandError
+from .summary import summary
 
 __all__ = ["export_onnx", "OnnxExport"]
 
@@ -38,12 +39,25 @@ _REGISTRY_LOG = logging.getLogger("torch.onnx._internal.exporter._registration")
 
 @dataclass
 class OnnxExport:
-    """What :func:`export_onnx` wrote: ``path``, its size in ``bytes``, the ``weights`` mode and the ``opset``."""
+    """What :func:`export_onnx` wrote.
+
+    Attributes:
+        path: the file; bytes: its size (bytes); weights: the mode; opset: the ONNX opset.
+        regenerated_bytes: float32 bytes of the weights the model regenerates (what ``materialize`` stores; in
+            ``seed`` mode the graph computes them instead).
+        graph_bytes: serialized bytes of the graph's nodes, initializers excluded: in ``seed`` mode mostly the
+            Philox graph, a fixed cost of about 190 nodes per regenerated tensor whatever its size.
+        note: in ``seed`` mode, when ``graph_bytes`` exceeds ``regenerated_bytes`` (small random layers), why the
+            file is likely larger than a ``materialize`` one; else ``""``.
+    """
 
     path: Path
     bytes: int
     weights: str
     opset: int
+    regenerated_bytes: int = 0
+    graph_bytes: int = 0
+    note: str = ""
 
 
 def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[str, Path], *,
@@ -92,7 +106,15 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
     path = Path(path)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    return OnnxExport(path, path.stat().st_size, weights, opset)
+    report = OnnxExport(path, path.stat().st_size, weights, opset,
+                        regenerated_bytes=summary(model).total.regenerated_bytes,
+                        graph_bytes=sum(node.ByteSize() for node in proto.graph.node))
+    if weights == "seed" and report.graph_bytes > report.regenerated_bytes:
+        report.note = (f"the graph's nodes take {report.graph_bytes:,} bytes, more than the "
+                       f"{report.regenerated_bytes:,} bytes of weights they regenerate: the Philox graph is a fixed "
+                       "cost per random tensor, so for small random layers weights='materialize' gives a smaller "
+                       "file")
+    return report
 
 
 def _strip_metadata(graph: onnx.GraphProto) -> None:

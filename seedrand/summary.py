@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import math
 from dataclasses import asdict, dataclass, field
+from typing import Optional
 
 import torch
 import torch.nn as nn
@@ -57,16 +58,32 @@ class Summary:
             slices seedrand modules keep, counted as frozen).
         unaccounted_trainable: trainable parameter elements owned by no selected module.
         strategy: how the model was traced, or ``None`` for a model seedrand did not rewrite.
+        stored_parameters: parameter elements the model stores, trainable or not (buffers and regenerated tensors
+            excluded): the denominator of PEFT's ``print_trainable_parameters``.
     """
 
     rows: list[Row] = field(default_factory=list)
     total: Counts = field(default_factory=Counts)
     unaccounted_trainable: int = 0
     strategy: str | None = None
+    stored_parameters: int = 0
+
+    @property
+    def trainable_share(self) -> float:
+        """Trainable elements over all elements the model computes with: stored (parameters and frozen buffers) and
+        regenerated. seedrand's own figure: a random layer counts as the weights it stands for."""
+        return self.total.trainable / max(1, self.total.trainable + self.total.frozen + self.total.regenerated)
+
+    @property
+    def peft_trainable_share(self) -> float:
+        """Trainable elements over stored parameter elements, as PEFT's ``print_trainable_parameters`` divides (a
+        regenerated weight, stored as a seed, is not in the denominator)."""
+        return self.total.trainable / max(1, self.stored_parameters)
 
     def to_dict(self) -> dict:
-        """Plain dict of ints and strings."""
-        return asdict(self)
+        """Plain dict of ints, floats and strings (the two trainable shares included)."""
+        return {**asdict(self), "trainable_share": self.trainable_share,
+                "peft_trainable_share": self.peft_trainable_share}
 
     def __rich__(self) -> Table:
         table = Table(title="seedrand summary" + (f" (traced with {self.strategy})" if self.strategy else ""))
@@ -85,9 +102,10 @@ class Summary:
             table.add_row(r.module or "(root)", r.type, ", ".join(r.rules), ", ".join(r.actions), *cells(r.counts))
         table.add_section()
         table.add_row("total", "", "", "", *cells(self.total))
-        share = self.total.trainable / max(1, self.total.trainable + self.total.frozen + self.total.regenerated)
-        table.caption = (f"trainable: {share:.2%} of all parameter elements; trainable parameters no rule accounts "
-                         f"for: {self.unaccounted_trainable:,}; selected modules that own no parameters: {empty}")
+        table.caption = (f"trainable: {self.trainable_share:.2%} of all weight elements, stored and regenerated "
+                         f"(PEFT's figure, of the {self.stored_parameters:,} stored parameter elements: "
+                         f"{self.peft_trainable_share:.2%}); trainable parameters no rule accounts for: "
+                         f"{self.unaccounted_trainable:,}; selected modules that own no parameters: {empty}")
         return table
 
     def __str__(self) -> str:
@@ -140,14 +158,26 @@ def _account(module: nn.Module, counts: Counts, seen: set) -> None:
             counts.add("frozen", b.numel(), b.numel() * b.element_size())
 
 
-def _row_modules(model: nn.Module, qualname: str) -> list[nn.Module]:
-    """The module ``qualname`` and the seedrand modules a pass installed as its children (``weight``/``bias``
-    assemblers of ``freeze_fraction``); exported graphs keep only modules that own tensors."""
+# where a pass installs the modules it adds for module NAME: as its children (weight/bias assemblers of
+# freeze_fraction, grow and subspace; a per-layer subspace's coordinates), or beside it (insert_random, filter_gates)
+_CHILDREN = ("weight", "bias", "subspace")
+_SIBLINGS = {"insert_random": "{}_random", "filter_gates": "{}_gate"}
+
+
+def _row_modules(model: nn.Module, qualname: str, actions: list[str]) -> tuple[Optional[nn.Module], list[nn.Module]]:
+    """The module ``qualname`` (``None`` when the traced graph dropped it: exported graphs keep only modules that
+    own tensors), and the seedrand modules the passes of ``actions`` installed for it."""
+    module = _get(model, qualname)
+    prefix = f"{qualname}." if qualname else ""
+    names = [prefix + n for n in _CHILDREN] + [_SIBLINGS[a].format(qualname) for a in actions if a in _SIBLINGS]
+    return module, [m for m in map(lambda n: _get(model, n), names) if m is not None and m is not module]
+
+
+def _get(model: nn.Module, name: str):
     try:
-        module = model.get_submodule(qualname)
+        return model.get_submodule(name)
     except AttributeError:
-        return []
-    return [module, *(getattr(module, n) for n in ("weight", "bias") if isinstance(getattr(module, n, None), nn.Module))]
+        return None
 
 
 def summary(model: nn.Module) -> Summary:
@@ -160,10 +190,7 @@ def summary(model: nn.Module) -> Summary:
     Returns:
         A :class:`Summary`; counts are elements, ``*_bytes`` are bytes. ``regenerated`` counts the weights seedrand
         modules regenerate (their Philox streams), each once however many modules share it (ensemble members);
-        they occupy no memory.
-
-    Raises:
-        Nothing.
+        they occupy no memory. Raises nothing.
     """
     meta = getattr(model, "meta", None)
     record = meta.get(RECORD_KEY) if isinstance(meta, dict) else None
@@ -172,20 +199,21 @@ def summary(model: nn.Module) -> Summary:
     if record:
         by_module: dict[str, Row] = {}
         for t in record.targets:
-            row = by_module.get(t.qualname)
-            if row is None:
-                row = by_module[t.qualname] = Row(t.qualname, t.cls.__name__, [], [], Counts())
-                modules = _row_modules(model, t.qualname)
-                params = [p for _, p in own_parameters(model, t.qualname)]
-                params += [p for m in modules[1:] for p in m.parameters()]
-                _count(params, row.counts, set())
-                for m in modules:
-                    _account(m, row.counts, set())
-                owned |= {id(p) for p in params}
+            row = by_module.setdefault(t.qualname, Row(t.qualname, t.cls.__name__, [], [], Counts()))
             row.rules.append(t.rule.name or t.rule.label)
             row.actions.append(t.rule.action)
+        for row in by_module.values():
+            module, installed = _row_modules(model, row.module, row.actions)
+            params = [p for _, p in own_parameters(model, row.module)] + [p for m in installed for p in m.parameters()]
+            _count(params, row.counts, set())
+            seen: set = set()
+            for m in [module, *(sub for m in installed for sub in m.modules())]:
+                if m is not None:
+                    _account(m, row.counts, seen)
+            owned |= {id(p) for p in params}
         result.rows = list(by_module.values())
     _count(model.parameters(), result.total, set())
+    result.stored_parameters = sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
     seen_buffers: set[int] = set()
     for m in model.modules():
         _account(m, result.total, seen_buffers)

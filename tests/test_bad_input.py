@@ -193,11 +193,6 @@ def test_policy_files_that_are_not_text(tmp_path):
         load_policy(tmp_path)
 
 
-def cli(*args):
-    return subprocess.run([sys.executable, "-m", "seedrand.cli", *args], capture_output=True, text=True,
-                          timeout=600, env={"PYTHONWARNINGS": "ignore", "PATH": "", "PYTHONPATH": "."})
-
-
 def test_cli_bad_factories_and_outputs_are_one_line_and_exit_2(tmp_path):
     (tmp_path / "raising.py").write_text("def make():\n    raise ValueError('no weights here')\n")
     (tmp_path / "broken.py").write_text("def make(:\n")

@@ -276,3 +276,10 @@ def test_a_checkpoint_never_imports_a_module(tmp_path, monkeypatch):
     assert not marker.exists()
     import sys
     assert "evil_module" not in sys.modules
+
+
+def test_saved_file_has_the_mode_a_plain_write_gives(tmp_path):
+    model, inputs = all_layers()
+    seedrand.save(seedrand.rewrite(model, MIXED, inputs), tmp_path / "m.safetensors")
+    (tmp_path / "plain").write_bytes(b"")
+    assert (tmp_path / "m.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode

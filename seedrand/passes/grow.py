@@ -24,7 +24,7 @@ inference.
 from __future__ import annotations
 
 import copy
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.fx as fx
@@ -34,6 +34,9 @@ from ..kernels.init import sample_at
 from ..rewriter.match import Target
 from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Stream
+
+if TYPE_CHECKING:  # garbage imports this module
+    from ..garbage import GarbageReport
 
 __all__ = ["GrowingSlices", "grow", "stage_bounds", "drop_inactive"]
 
@@ -175,7 +178,7 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
     substitute_weight(gm, target, replaced)
 
 
-def drop_inactive(model: fx.GraphModule, explain: bool = False):
+def drop_inactive(model: fx.GraphModule, explain: bool = False) -> tuple[fx.GraphModule, GarbageReport]:
     """A copy of ``model`` for inference with the inactive units of grown layers removed: every
     :class:`GrowingSlices` becomes one plain, frozen parameter holding the assembled tensor, then
     :func:`seedrand.collect_garbage` drops the zero units (a zero row with zero bias whose activation keeps 0, or
