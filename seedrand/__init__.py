@@ -12,6 +12,8 @@ Names are imported on first use (PEP 562), so ``import seedrand`` and ``seedrand
 from __future__ import annotations
 
 import importlib
+import sys
+import types
 from typing import TYPE_CHECKING
 
 from .errors import CheckpointError, ModelError, PolicyError, SeedrandError, TraceError
@@ -49,6 +51,19 @@ _LAZY = {
 __all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
            "Ensemble", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
+
+
+class _Package(types.ModuleType):
+    """The package's module type: importing the submodule ``seedrand.summary`` (or ``seedrand.ensemble``) binds it
+    as an attribute of the package; the public function of the same name stays what ``seedrand.summary`` is."""
+
+    def __setattr__(self, name: str, value) -> None:
+        if isinstance(value, types.ModuleType) and _LAZY.get(name) == f".{name}":
+            value = getattr(value, name)
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str):

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 import seedrand
+import seedrand.zoo
 
 ROOT = Path(__file__).resolve().parents[1]
 README = (ROOT / "README.md").read_text()
@@ -118,3 +119,17 @@ def test_export_says_when_seed_mode_is_the_larger_file(tmp_path):
     assert seed.bytes > materialized.bytes  # 64 regenerated weights: the Philox graph costs more than they do
     assert seed.regenerated_bytes == 8 * 8 * 4 and "weights='materialize' gives a smaller file" in seed.note
     assert materialized.note == ""
+
+
+def test_reproduction_figures_are_the_committed_runs():
+    """Every count (1,606) and accuracy-like figure (0.976) the reproductions page states is in a table the scripts
+    wrote (examples/results/*.md) or is the digits split's size, so prose cannot drift from the runs."""
+    page = (ROOT / "docs" / "reproductions.md").read_text()
+    prose = page[:page.index("## The tables of the committed runs")] + page[page.index("## Against the papers"):]
+    tables = "".join((ROOT / "examples" / "results" / f).read_text()
+                     for f in ("results.md", "grow_sine.md", "ensemble_digits.md"))
+    tables += f" {len(seedrand.zoo.digits_data().x_train):,} training images"  # the data set's own figure
+    figures = set(re.findall(r"(?<![\d.,])(\d{1,3}(?:,\d{3})+|0\.\d{3,5})(?![\d,])", prose))
+    assert len(figures) > 15
+    missing = sorted(f for f in figures if f not in tables)
+    assert not missing, missing
