@@ -171,3 +171,92 @@ def test_untraceable_model_reports_both_strategies_and_the_line():
     message = str(info.value)
     assert "symbolic tracing failed" in message and "torch.export failed" in message
     assert "test_rewrite.py:" in message and "torch.cond" in message
+
+
+class ExportedDropPath(nn.Module):
+    """Branches on ``self.training`` (a drop path's shape) in a way torch.fx cannot trace (a branch on a shape),
+    so the export path captures it; train mode doubles the residual branch."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 0 and self.training:
+            return x + 2 * self.fc(x)
+        return x + self.fc(x)
+
+
+@pytest.mark.parametrize("mode", [True, False])
+def test_exported_graph_of_a_mode_branching_model_is_the_models_mode(mode):
+    """The kept graph is the export of the mode the model was in (before, always the train-mode export: an eval-mode
+    model silently computed train-mode outputs), locked to it."""
+    model = ExportedDropPath().train(mode)
+    x = torch.randn(3, 4)
+    gm = seedrand.rewrite(model, EMPTY, (x,))
+    info = gm.meta["seedrand"].trace
+    assert info.strategy == "torch.export" and info.locked_mode is mode and "differ between train and eval" in \
+        info.lock_reason
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    with pytest.raises(SeedrandError, match=f"captured in {'train' if mode else 'eval'} mode"):
+        gm.train(not mode)(x)
+
+
+class TrainOnlyNumpy(nn.Module):
+    """Like SpecAugment: train mode runs numpy code that torch.export cannot trace; eval mode is plain."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        if x.shape[0] > 0 and self.training:
+            keep = torch.from_numpy((x.detach().numpy() > -10).astype("float32"))  # .numpy(): no fake tensors
+            return self.fc(x * keep)
+        return self.fc(x)
+
+
+def test_a_mode_that_cannot_be_traced_leaves_the_other_usable():
+    model = TrainOnlyNumpy().eval()
+    x = torch.randn(3, 4)
+    gm = seedrand.rewrite(model, EMPTY, (x,))
+    with torch.no_grad():
+        assert torch.equal(gm(x), model(x))
+    assert "train mode cannot be traced" in gm.meta["seedrand"].trace.lock_reason
+    with pytest.raises(SeedrandError, match="captured in eval mode and cannot run in the other: train mode cannot"):
+        gm.train()(x)
+    with pytest.raises(TraceError, match="torch.export failed"):
+        seedrand.rewrite(model.train(), EMPTY, (x,))
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+def test_exported_graphs_change_dtype(zoo_models, name):
+    """.double() of an exported graph runs (export's dtype asserts are dropped) and equals the original in float64;
+    Llama's rotary embedding casts back to the dtype seen at export (float32), a literal in the graph, so its
+    outputs carry float32 rounding there."""
+    model, inputs = zoo_models[name]
+    gm = seedrand.rewrite(model, EMPTY, inputs).eval().double()
+    reference = copy.deepcopy(model).eval().double()
+    tolerance = 1e-12 if name == "gpt2" else 1e-6
+    with torch.no_grad():
+        out = logits(gm(*inputs))
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, logits(reference(*inputs)), rtol=tolerance, atol=tolerance)
+
+
+def test_exported_graphs_take_keyword_inputs(zoo_models):
+    """An exported graph binds calls to the original forward's signature: traced inputs by keyword, untraced ones
+    left out or at their default; any other value of an untraced input is an error naming it."""
+    model, inputs = zoo_models["gpt2"]
+    gm = seedrand.rewrite(model, EMPTY, inputs).eval()
+    with torch.no_grad():
+        expected = logits(gm(*inputs))
+        assert torch.equal(logits(gm(input_ids=inputs[0])), expected)
+        assert torch.equal(logits(gm(inputs[0], attention_mask=None, use_cache=None)), expected)
+    for kwargs, name in [({"attention_mask": torch.ones_like(inputs[0])}, "attention_mask"), ({"foo": 1}, "foo")]:
+        with pytest.raises(SeedrandError, match=f"input '{name}' was not among the example inputs"):
+            gm(inputs[0], **kwargs)
+    with pytest.raises(SeedrandError, match="input 'input_ids' is required"):
+        gm(attention_mask=None)
+    assert torch.equal(logits(copy.deepcopy(gm)(input_ids=inputs[0])), expected)

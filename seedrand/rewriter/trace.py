@@ -7,11 +7,14 @@ Strategy, tried in order:
    differ (Python branches on ``self.training``), the result is locked to the mode the model was in. When example
    inputs are given, the traced graph's outputs must equal the model's bit for bit, or the next strategy is tried.
 2. ``torch.export.export(strict=False)`` with every dimension of every tensor input ``Dim.AUTO`` (dynamic where the
-   model allows; pass a batch of at least 2 so the batch dimension is not specialized), run in train mode. The
-   constant train flags of ``aten.batch_norm``/``aten.dropout`` and the ``num_batches_tracked`` increments are tied
-   to the module's ``training`` attribute, so ``.train()``/``.eval()`` work; an eval-mode export checks that nothing
-   else differs between the modes (if something does, the result is locked to the model's mode). Modules are
-   inlined into aten ops; each op keeps its module path and class in ``node.meta["nn_module_stack"]``.
+   model allows; pass a batch of at least 2 so the batch dimension is not specialized), in train and in eval mode.
+   When the two graphs differ only in constants (the train flags of ``aten.batch_norm``/``aten.dropout``, momentum,
+   dropout ``p``) and the ``num_batches_tracked`` increments, the train graph is kept with those tied to the
+   module's ``training`` attribute, so ``.train()``/``.eval()`` work. When they differ in anything else (Python
+   branches on ``self.training``: drop path, stochastic depth) or one mode cannot be exported at all (numpy masking
+   in train mode), the graph of the model's own mode is kept, locked to it: the other mode raises an error naming
+   the difference. Modules are inlined into aten ops; each op keeps its module path and class in
+   ``node.meta["nn_module_stack"]``.
 
 Real transformers models (GPT-2, ViT, ResNet, MobileNetV2) need strategy 2, hence need example inputs.
 """
@@ -74,6 +77,39 @@ class _ModeLock:
         if module.training != self.mode:
             want = "train" if self.mode else "eval"
             raise SeedrandError(f"this graph was captured in {want} mode and cannot run in the other: {self.reason}")
+
+
+class _KeywordInputs:
+    """Forward pre-hook of an exported graph: binds a call to the original forward's signature, so inputs can be
+    given by keyword as to the model (``gm(input_ids=ids)``), and passes the traced ones on positionally. An
+    untraced input may be left out or given its default (``attention_mask=None``); any other value is an error that
+    names it, since the graph was captured without it."""
+
+    def __init__(self, signature: inspect.Signature, traced: int):
+        self.signature, self.traced = signature, traced
+        self.names = [p.name for p in signature.parameters.values()
+                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:traced]
+
+    def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
+        if not kwargs:
+            return None
+        try:
+            bound = self.signature.bind(*args, **kwargs)
+        except TypeError as e:
+            raise SeedrandError(f"inputs do not fit {module.__class__.__name__}'s forward: {e}") from None
+        for name, value in bound.arguments.items():
+            parameter = self.signature.parameters[name]
+            if parameter.kind == parameter.VAR_KEYWORD and value:
+                name = next(iter(value))
+            elif name in self.names or value is parameter.default or parameter.kind == parameter.VAR_KEYWORD:
+                continue
+            raise SeedrandError(f"input {name!r} was not among the example inputs this graph was traced with "
+                                f"({', '.join(self.names)}); pass it in example_inputs to seedrand.rewrite, in the "
+                                "forward's order, or leave it out")
+        missing = [n for n in self.names if n not in bound.arguments]
+        if missing:
+            raise SeedrandError(f"input {missing[0]!r} is required: the graph was traced with it")
+        return tuple(bound.arguments[n] for n in self.names), {}
 
 
 class _TrainingFlag(nn.Module):
@@ -231,6 +267,15 @@ def _tie_to_mode(gm: fx.GraphModule, patches) -> None:
             node.update_arg(1, flag)  # adds True (1) while training, False (0) in eval, as BatchNorm does
 
 
+def _drop_dtype_asserts(gm: fx.GraphModule) -> None:
+    """Erase the ``aten._assert_tensor_metadata`` checks export inserts before dtype conversions: they pin the dtype
+    seen at export (float32), so ``.double()``/``.to(dtype)`` of the graph failed at the first forward. Conversions
+    to a literal dtype in the model's own code (a mask cast to float32) stay as traced."""
+    for node in list(gm.graph.nodes):
+        if node.op == "call_function" and node.target == _aten._assert_tensor_metadata.default and not node.users:
+            gm.graph.erase_node(node)
+
+
 def _check_batchnorm_momentum(model: nn.Module) -> None:
     for name, m in model.named_modules():
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.momentum is None and m.track_running_stats:
@@ -240,20 +285,39 @@ def _check_batchnorm_momentum(model: nn.Module) -> None:
 
 def _exported(model: nn.Module, example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
     _check_batchnorm_momentum(model)
-    gm = _in_mode(model, True, lambda: _export(model, example_inputs)).module()
-    eval_ops = _comparable_ops(_in_mode(model, False, lambda: _export(model, example_inputs)).module())
-    for attr in ("train", "eval"):  # ExportedProgram.module() disables these per instance; we support them
-        gm.__dict__.pop(attr, None)
-    patches, reason = _mode_constants(_comparable_ops(gm), eval_ops)
+    graphs, failures = {}, {}
+    for mode in (True, False):
+        try:
+            graphs[mode] = _in_mode(model, mode, lambda: _export(model, example_inputs)).module()
+        except Exception as e:  # noqa: BLE001 - one mode may be untraceable (SpecAugment's numpy masks in train)
+            failures[mode] = e
+    if model.training in failures or not graphs:
+        raise failures[model.training]
+    for gm in graphs.values():
+        for attr in ("train", "eval"):  # ExportedProgram.module() disables these per instance; we support them
+            gm.__dict__.pop(attr, None)
     info = TraceInfo("torch.export")
-    if reason is None:
-        _tie_to_mode(gm, patches)
+    if failures:  # the other mode cannot be traced: this one works, the other raises a clear error
+        other = "train" if not model.training else "eval"
+        patches, reason = None, f"{other} mode cannot be traced ({_user_frame(failures[not model.training], model)})"
     else:
-        info.locked_mode = model.training
-        info.lock_reason = f"its ops differ between train and eval ({reason})"
+        patches, reason = _mode_constants(_comparable_ops(graphs[True]), _comparable_ops(graphs[False]))
+        if reason is not None:
+            reason = f"its ops differ between train and eval ({reason})"
+    for graph_module in graphs.values():
+        _drop_dtype_asserts(graph_module)
+    if reason is None:
+        gm = graphs[True]
+        _tie_to_mode(gm, patches)
+    else:  # the graph of the model's own mode: the other one's ops (drop path, stochastic depth) would be wrong
+        gm = graphs[model.training]
+        info.locked_mode, info.lock_reason = model.training, reason
     gm.train(model.training)
     gm.graph.lint()
     gm.recompile()
+    signature = inspect.signature(inspect.unwrap(type(model).forward))
+    signature = signature.replace(parameters=list(signature.parameters.values())[1:])  # without self
+    gm.register_forward_pre_hook(_KeywordInputs(signature, len(example_inputs)), with_kwargs=True, prepend=True)
     return gm, info
 
 
