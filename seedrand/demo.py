@@ -268,7 +268,7 @@ def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Pat
             if (step + 1) % s.collect_every == 0:
                 collect_garbage(model, optimizer)  # the same Adam trains on, its moments sliced
             curve["step"].append(step + 1)
-            curve["live"].append(int((gate.theta > 0).sum()))
+            curve["live"].append(int(gate.live.sum()))
             curve["loss"].append(loss)
 
         _fit(model, data.x_train, data.y_train, s.gated_steps, gated=True, on_step=on_step)

@@ -116,12 +116,12 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
     _check_optimizer(model, optimizer, _shrinking(plan))
     for node in model.graph.nodes:
         gate = _module(model, node)
-        if not isinstance(gate, FilterGate) or not (gate.theta <= 0).any():
+        if not isinstance(gate, FilterGate) or gate.live.all():
             continue
         if node not in graph.channels:
             report.blocked[node.target] = "its input's channels are not tracked (they come from a barrier)"
             continue
-        dead = (gate.theta <= 0).tolist()
+        dead = (~gate.live).tolist()
         kept = [graph.root(s) for s, d in zip(graph.channels[node].ids.tolist(), dead) if d]
         kept = [r for r in kept if r not in removed]
         if kept:

@@ -79,3 +79,31 @@ def test_gated_model_exports_to_onnx(tmp_path):
     session = ort.InferenceSession(str(report.path))
     out = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})[0]
     np.testing.assert_allclose(out, gm(*inputs).detach().numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_a_gate_that_reached_zero_stays_dead_until_collected():
+    """ShrinkNets: a unit whose theta reaches <= 0 is gone. Here the L1 gradient (and Adam) push such a theta back
+    above zero; the unit stays exactly zero in both modes and collect_garbage removes it."""
+    model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
+    x = torch.randn(4, 3)
+    gm = seedrand.rewrite(model, policy({"modules": ["0"]}, **{"lambda": 1.0}), (x,))
+    gate = gm.get_submodule("0_gate")
+    with torch.no_grad():
+        gate.theta[[1, 4]] = -1e-3
+    gm.eval()(x)  # an eval forward decides nothing
+    assert gate.alive.all() and gate.live.tolist() == [True, False, True, True, False, True]
+    optimizer = torch.optim.Adam(seedrand.gate_parameters(gm), lr=0.1)
+    gm.train()
+    for _ in range(3):
+        optimizer.zero_grad()
+        (gm(x).square().sum() * 0 + seedrand.penalty(gm)).backward()  # only the L1 term: theta -> 0 from below
+        optimizer.step()
+    assert (gate.theta[[1, 4]] > 0).all()  # revived by the optimizer...
+    assert gate.alive.tolist() == [True, False, True, True, False, True]  # ...but dead for good
+    hidden = gm.get_submodule("0_gate")(torch.ones(2, 6))
+    assert (hidden[:, [1, 4]] == 0).all() and (hidden[:, [0, 2, 3, 5]] != 0).all()
+    before = gm.eval()(x)
+    report = seedrand.collect_garbage(gm, optimizer)
+    assert report.removed["0"] == 2 and gm.get_submodule("0").out_features == 4
+    assert gate.theta.shape == (4,) and gate.alive.shape == (4,) and gate.alive.all()
+    torch.testing.assert_close(gm(x), before)

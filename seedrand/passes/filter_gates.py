@@ -1,6 +1,6 @@
 """The ``filter_gates`` action (Leclerc, Castro Fernandez & Madden, ShrinkNets): a Filter layer ``y = x * max(0,
 theta)`` with one ``theta`` per channel after each matched module, trained with an L1 penalty ``lambda * |theta|`` so
-that channels die (``theta <= 0`` makes the channel exactly zero).
+that channels die (``theta <= 0`` makes the channel exactly zero, and in a training forward dead for good).
 
 Channels are dimension 1 after a ``Conv{1,2,3}d`` and the last dimension after ``Linear``/``Conv1D``/``Embedding``.
 ``placement: auto`` puts the gate after a BatchNorm that is the layer's only consumer (the ShrinkNets order
@@ -29,12 +29,19 @@ _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
 
 class FilterGate(nn.Module):
-    """``y = x * max(0, theta)``, ``theta`` of shape ``(channels,)`` broadcast along ``channel_dim``.
+    """``y = x * max(0, theta) * alive``, ``theta`` of shape ``(channels,)`` broadcast along ``channel_dim``.
+
+    A channel whose ``theta`` reaches ``<= 0`` in a training forward is dead for good (``alive`` false): as in
+    ShrinkNets, where such a unit is removed, it cannot come back when the L1 term's gradient (or Adam's momentum)
+    pushes ``theta`` above zero again before :func:`seedrand.collect_garbage` removes it.
 
     Args:
         theta: initial gate values, ``(channels,)``, the model's dtype.
         channel_dim: ``1`` (conv activations ``(N, C, ...)``) or ``-1`` (``(..., C)``).
         lambda_: weight of this gate's L1 penalty (see :func:`penalty`).
+
+    Attributes:
+        alive: bool buffer ``(channels,)`` (in the state dict), false once the channel's ``theta`` was ``<= 0``.
 
     Input and output: any shape with ``channels`` entries on ``channel_dim``; dtype of the input.
     """
@@ -42,10 +49,19 @@ class FilterGate(nn.Module):
     def __init__(self, theta: torch.Tensor, channel_dim: int, lambda_: float):
         super().__init__()
         self.theta = nn.Parameter(theta)
+        self.register_buffer("alive", theta.detach() > 0)
         self.channel_dim, self.lambda_ = channel_dim, lambda_
 
+    @property
+    def live(self) -> torch.Tensor:
+        """Bool ``(channels,)``: the channels that are neither dead for good nor at ``theta <= 0`` now."""
+        return self.alive & (self.theta.detach() > 0)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        gate = torch.relu(self.theta)
+        if self.training:
+            with torch.no_grad():
+                self.alive &= self.theta > 0
+        gate = torch.relu(self.theta) * self.alive
         if self.channel_dim == 1:
             gate = gate.reshape(-1, *[1] * (x.dim() - 2))
         return x * gate

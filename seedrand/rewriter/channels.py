@@ -425,8 +425,8 @@ class ChannelGraph:
             return True
         dim = gate.channel_dim % len(self._shape(node))
         source = Channels(dim, self._get(x, dim))
-        self._derived(node, source, self.zero(source.ids) | (gate.theta.detach() <= 0))
-        self.slices.append(Slice(Ref(gate, "theta"), 0, node))
+        self._derived(node, source, self.zero(source.ids) | ~gate.live)
+        self.slices += [Slice(Ref(gate, "theta"), 0, node), Slice(Ref(gate, "alive"), 0, node)]
         return True
 
     def _elementwise(self, node: fx.Node, kind: str):
