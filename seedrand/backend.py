@@ -39,8 +39,9 @@ _NEEDS_REWRITE = {
 _SOURCE_PART = re.compile(r"\._(modules|parameters)\['([^']+)'\]")
 _STACK_INDEX = re.compile(r"\[(\d+)\]")
 # the compiled module: L['self'] when Dynamo traces its forward, L['fn'] when it traces the module as a callable
-# (e.g. an nn.Sequential)
-_ROOT = re.compile(r"^L\['(self|fn)'\]")
+# (e.g. an nn.Sequential), L['args'][0] when its forward is wrapped by a decorator taking *args (transformers 5's
+# CausalLM forwards)
+_ROOT = re.compile(r"^L\['(self|fn)'\]|^L\['args'\]\[0\]")
 
 
 def _qualname(stack_path: str) -> str:

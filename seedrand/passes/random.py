@@ -244,14 +244,15 @@ _CAPTURED_CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
 
 
 def random_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx.Node]) -> None:
-    """``random`` on a graph Dynamo captured (the ``seedrand`` backend's ``policy`` option): every ``linear`` or
-    ``conv{1,2,3}d`` reading the module's weight placeholder becomes ``seedrand::regen_matmul``/``regen_conv`` with
+    """``random`` on a graph Dynamo captured (the ``seedrand`` backend's ``policy`` option): every ``linear``, ``addmm``
+    of a transformers ``Conv1D`` or ``conv{1,2,3}d`` reading the module's weight placeholder becomes
+    ``seedrand::regen_matmul``/``regen_conv`` with
     the key, init and counters :func:`random` uses, so the compiled model computes what ``seedrand.rewrite`` with
     the same policy computes. The bias placeholder is detached (``keep``), used as is (``trainable``) or dropped
     (``zero``); the user's module is not changed.
 
     Raises:
-        PolicyError: the module is not an ``nn.Linear``/``nn.Conv1d/2d/3d``, its weight was not captured or is read
+        PolicyError: the module is not an ``nn.Linear``/``Conv1D``/``nn.Conv1d/2d/3d``, its weight was not captured or is read
             by another op, the convolution pads by name (``"same"``), or the rule asks ``bias: random`` (use
             ``seedrand.rewrite`` for those).
     """
@@ -260,16 +261,20 @@ def random_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx
         raise target.error("the captured graph has no weight parameter of this module")
     lay = layout_of(target, tuple(weight.meta["example_value"].shape))
     params = target.rule.params
-    if lay.kind == "embedding" or lay.transposed or params.bias == "random":
-        raise target.error("the backend applies random to nn.Linear and nn.Conv layers with bias keep, trainable or "
-                           "zero; use seedrand.rewrite for embeddings, Conv1D and regenerated biases")
+    if lay.kind == "embedding" or params.bias == "random":
+        raise target.error("the backend applies random to nn.Linear, transformers Conv1D and nn.Conv layers with bias "
+                           "keep, trainable or zero; use seedrand.rewrite for embeddings and regenerated biases")
     seed = derive_seed(target.seed, target.qualname, "weight")
     kind, scale = init_distribution(lay.init(params.init), lay.fan_in, lay.fan_out)
     for user in list(weight.users):
         args = list(user.args) + [user.kwargs[k] for k in ("bias",) if k in user.kwargs]
+        matmul = (seed, lay.shape[0], lay.shape[1], scale, kind == "normal", False, DEFAULT_CHUNK_BYTES)
         if user.target is nn.functional.linear and args[1] is weight:
-            call = (torch.ops.seedrand.regen_matmul.default, (args[0], seed, lay.shape[0], lay.shape[1], scale, kind == "normal", False,
-                                   DEFAULT_CHUNK_BYTES))
+            call = (torch.ops.seedrand.regen_matmul.default, (args[0], *matmul))
+        elif lay.transposed and user.target is torch.addmm and len(args) == 3 and args[2] is weight and \
+                not user.kwargs:  # Conv1D: addmm(bias, x, W_stored) with W_stored = W.T, so x @ W_stored = x @ W.T
+            call = (torch.ops.seedrand.regen_matmul.default, (args[1], *matmul))
+            args = [args[1], weight, args[0]]
         elif user.target in _CAPTURED_CONVS and args[1] is weight:
             n = _CAPTURED_CONVS[user.target]
             stride, padding, dilation, groups = (args[3:7] + [1, 0, 1, 1][len(args[3:7]):])[:4]
