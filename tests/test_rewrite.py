@@ -260,3 +260,19 @@ def test_exported_graphs_take_keyword_inputs(zoo_models):
     with pytest.raises(SeedrandError, match="input 'input_ids' is required"):
         gm(attention_mask=None)
     assert torch.equal(logits(copy.deepcopy(gm)(input_ids=inputs[0])), expected)
+
+
+def test_exported_image_sizes_are_static_unless_asked(zoo_models):
+    """The batch stays dynamic; other dimensions of float inputs are static by default (fast to trace), dynamic on
+    request through dynamic_shapes."""
+    from torch.export import Dim
+
+    model, (x,) = zoo_models["resnet"]
+    bigger = torch.randn(3, x.shape[1], x.shape[2] + 8, x.shape[3] + 8, generator=torch.Generator().manual_seed(0))
+    gm = seedrand.rewrite(model, EMPTY, (x,)).eval()
+    with torch.no_grad():
+        assert torch.equal(logits(gm(x[:1].repeat(3, 1, 1, 1))), logits(model.eval()(x[:1].repeat(3, 1, 1, 1))))
+        with pytest.raises(Exception):
+            gm(bigger)
+        dynamic = seedrand.rewrite(model, EMPTY, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+        assert torch.equal(logits(dynamic.eval()(bigger)), logits(model.eval()(bigger)))

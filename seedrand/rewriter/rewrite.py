@@ -58,8 +58,8 @@ def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
     raise PolicyError(f"a policy is a seedrand.Policy, a path to a YAML file or a dict, not {type(policy).__name__}")
 
 
-def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_inputs: Optional[tuple] = None
-            ) -> fx.GraphModule:
+def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_inputs: Optional[tuple] = None, *,
+            dynamic_shapes=None) -> fx.GraphModule:
     """Apply ``policy`` to a deep copy of ``model`` and return the rewritten graph.
 
     Args:
@@ -68,6 +68,10 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         example_inputs: positional example inputs (tuple, or one tensor). Required for models that ``torch.fx``
             cannot trace symbolically (most ``transformers`` models), which are captured with ``torch.export``;
             use a batch of at least 2 so the batch dimension stays dynamic.
+        dynamic_shapes: which dimensions of ``example_inputs`` an exported graph accepts at other sizes, in
+            ``torch.export``'s ``dynamic_shapes`` form (per input a dict ``{dim: torch.export.Dim.AUTO}`` or
+            ``None``); by default the batch, and the sequence of integer (token) inputs. Image sizes are static
+            unless asked for here (they made tracing a Swin 40 times slower).
 
     Returns:
         A ``torch.fx.GraphModule`` whose parameters are copies of the model's, in the model's train/eval mode, with
@@ -90,7 +94,7 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     groups = [list(g) for _, g in itertools.groupby(targets, key=lambda t: id(t.rule))]  # listed rule by rule
     for group in groups:
         CHECKS.get(group[0].rule.action, lambda *_: None)(model, group)
-    gm, info = trace(model, {t.qualname for t in targets}, example_inputs)
+    gm, info = trace(model, {t.qualname for t in targets}, example_inputs, dynamic_shapes)
     for group in groups:
         PASSES[group[0].rule.action](gm, group)
     gm.graph.lint()

@@ -220,8 +220,9 @@ def _dynamic_dims(x: torch.Tensor) -> dict:
     return {d: Dim.AUTO for d in dims}
 
 
-def _export(model: nn.Module, example_inputs) -> torch.export.ExportedProgram:
-    dynamic = tuple(_dynamic_dims(a) if isinstance(a, torch.Tensor) else None for a in example_inputs)
+def _export(model: nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
+    dynamic = dynamic_shapes if dynamic_shapes is not None else tuple(
+        _dynamic_dims(a) if isinstance(a, torch.Tensor) else None for a in example_inputs)
     return torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
 
 
@@ -293,12 +294,12 @@ def _check_batchnorm_momentum(model: nn.Module) -> None:
                              "num_batches_tracked), which torch.export bakes into a constant; set a momentum")
 
 
-def _exported(model: nn.Module, example_inputs) -> tuple[fx.GraphModule, TraceInfo]:
+def _exported(model: nn.Module, example_inputs, dynamic_shapes=None) -> tuple[fx.GraphModule, TraceInfo]:
     _check_batchnorm_momentum(model)
     graphs, failures = {}, {}
     for mode in (True, False):
         try:
-            graphs[mode] = _in_mode(model, mode, lambda: _export(model, example_inputs)).module()
+            graphs[mode] = _in_mode(model, mode, lambda: _export(model, example_inputs, dynamic_shapes)).module()
         except Exception as e:  # noqa: BLE001 - one mode may be untraceable (SpecAugment's numpy masks in train)
             failures[mode] = e
     if model.training in failures or not graphs:
@@ -331,7 +332,7 @@ def _exported(model: nn.Module, example_inputs) -> tuple[fx.GraphModule, TraceIn
     return gm, info
 
 
-def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = None
+def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = None, dynamic_shapes=None
           ) -> tuple[fx.GraphModule, TraceInfo]:
     """Capture ``model`` as a GraphModule (see the module docstring for the strategy).
 
@@ -340,6 +341,8 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
         leaves: qualified names to keep as ``call_module`` leaves under symbolic tracing.
         example_inputs: positional inputs (a tuple; a single tensor is accepted). Needed for the export fallback,
             and used to check the symbolic trace.
+        dynamic_shapes: for the export fallback, ``torch.export``'s ``dynamic_shapes`` for ``example_inputs``;
+            ``None``: the batch dimension, and the sequence of integer inputs (:func:`_dynamic_dims`).
 
     Returns:
         ``(graph_module, TraceInfo)``. The GraphModule's parameters are the model's own objects, in train or eval
@@ -357,18 +360,19 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
             gm, info = _symbolic(model, leaves, example_inputs, reference)
     except Exception as e:  # noqa: BLE001 - any failure of symbolic tracing means: try export
         with _quiet_torch():
-            gm, info = _export_fallback(model, example_inputs, _user_frame(e, model))
+            gm, info = _export_fallback(model, example_inputs, _user_frame(e, model), dynamic_shapes)
     if info.locked_mode is not None:
         gm.register_forward_pre_hook(_ModeLock(info.locked_mode, info.lock_reason))
     return gm, info
 
 
-def _export_fallback(model: nn.Module, example_inputs, symbolic_error: str) -> tuple[fx.GraphModule, TraceInfo]:
+def _export_fallback(model: nn.Module, example_inputs, symbolic_error: str, dynamic_shapes=None
+                     ) -> tuple[fx.GraphModule, TraceInfo]:
     if example_inputs is None:
         raise TraceError(f"torch.fx symbolic tracing failed ({symbolic_error}); pass example_inputs so seedrand can "
                          "trace with torch.export instead")
     try:
-        gm, info = _exported(model, example_inputs)
+        gm, info = _exported(model, example_inputs, dynamic_shapes)
     except TraceError:
         raise
     except Exception as e:  # noqa: BLE001 - report both strategies' failures together
