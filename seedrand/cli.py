@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", help="directory for intrinsic_dimension.csv and intrinsic_dimension.png")
     p.set_defaults(run=_intrinsic_dimension)
     p = sub.add_parser("demo", help="every part of seedrand on scikit-learn's digits: freeze fraction, random layers, "
-                       "ShrinkNets, subspace, compile and ONNX (about 3 minutes on 2 CPU cores)")
+                       "ShrinkNets, subspace, compile and ONNX (1-3 minutes on 2 CPU cores)")
     p.add_argument("--out", default="seedrand-demo", help="directory for results.json, results.md and the plots")
     p.add_argument("--quick", action="store_true", help="tiny sizes: every part in under a minute")
     p.add_argument("--part", type=int, action="append", help="run only this part (1-5; repeatable)")
