@@ -276,3 +276,27 @@ def test_exported_image_sizes_are_static_unless_asked(zoo_models):
             gm(bigger)
         dynamic = seedrand.rewrite(model, EMPTY, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
         assert torch.equal(logits(dynamic.eval()(bigger)), logits(model.eval()(bigger)))
+
+
+@pytest.mark.parametrize("rule", [
+    {"match": {"modules": ["2"]}, "random": {"bias": "trainable"}},  # its input requires grad: the op's autograd runs
+    {"match": {"modules": ["0", "2"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
+    {"match": {"modules": ["0", "2"]}, "subspace": {"dim": 3}},
+    {"match": {"modules": ["0", "2"]}, "subspace": {"dim": 3, "projection": "fastfood", "scope": "global"}},
+])
+def test_torch_func_grad_equals_autograd(rule):
+    """torch.func.grad over functional_call of a rewritten model runs (seedrand's custom ops' autograd is not a
+    functorch-compatible autograd.Function, so the modules compute with plain torch ops there) and equals
+    loss.backward()."""
+    from torch.func import functional_call, grad
+
+    model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+    x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 5, "rules": [rule]}, (x,))
+    params = {n: p.detach() for n, p in gm.named_parameters() if p.requires_grad}
+    grads = grad(lambda p: functional_call(gm, p, (x,)).square().sum())(params)
+    gm(x).square().sum().backward()
+    assert grads.keys() == params.keys()
+    for name, p in gm.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)

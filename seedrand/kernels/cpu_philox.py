@@ -23,6 +23,8 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .dispatch import is_functorch_wrapped_tensor
+
 __all__ = ["usable", "randint", "rand", "symmetric_uniform", "covering_blocks"]
 
 _A = np.uint64(0xD2511F53)
@@ -216,7 +218,8 @@ def _round_keys(key64: int) -> np.ndarray:
 def usable(offsets: torch.Tensor | range) -> bool:
     """Whether this module may compute these offsets: a plain CPU tensor or a step-1 range from ``>= 0``, outside
     ``torch.compile`` tracing and ONNX export (which must see the torch ops)."""
-    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export():
+    if torch.compiler.is_compiling() or torch.onnx.is_in_onnx_export() or (
+            isinstance(offsets, torch.Tensor) and is_functorch_wrapped_tensor(offsets)):
         return False
     if isinstance(offsets, range):
         return offsets.step == 1 and offsets.start >= 0

@@ -17,6 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
+from ..kernels.dispatch import plain_torch_ops
 from ..kernels.init import init_distribution, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
@@ -82,7 +83,7 @@ class RandomLinear(_RandomLayer):
         self.in_features, self.out_features, self.chunk_bytes = in_features, out_features, chunk_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # plain torch ops the ONNX exporter translates (seedrand.export)
+        if plain_torch_ops():  # ONNX export, torch.func.grad
             y = nn.functional.linear(x, self.weight(x.dtype, x.device))
         else:
             y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
@@ -110,7 +111,7 @@ class RandomConv(_RandomLayer):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if torch.onnx.is_in_onnx_export():  # plain torch ops the ONNX exporter translates (seedrand.export)
+        if plain_torch_ops():  # ONNX export, torch.func.grad
             conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[len(self.weight_shape) - 3]
             y = conv(x, self.weight(x.dtype, x.device), None, self.stride, self.padding, self.dilation, self.groups)
         else:

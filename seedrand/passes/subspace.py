@@ -24,6 +24,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
+from ..kernels.dispatch import plain_torch_ops
 from ..kernels.philox import derive_seed
 from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, materialized, project
 from ..rewriter.graph import inline_module, install, own_parameters
@@ -67,7 +68,7 @@ class SubspaceCoordinates(Regenerating):
     def forward(self) -> torch.Tensor:
         theta_d = self.theta_d if self.column_scale is None else self.theta_d * self.column_scale
         seed = self.streams["projection"].seed
-        if torch.onnx.is_in_onnx_export() and self.projection != "fastfood":
+        if plain_torch_ops() and self.projection != "fastfood":
             return materialized(seed, self.rows, theta_d.shape[0], self.projection, self.density) @ theta_d
         return project(theta_d, seed, self.rows, self.projection, self.density, self.chunk_bytes)
 
