@@ -300,3 +300,17 @@ def test_torch_func_grad_equals_autograd(rule):
     for name, p in gm.named_parameters():
         if p.requires_grad:
             torch.testing.assert_close(grads[name], p.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_default_gpt2_config_with_its_cache_is_rewritten():
+    """GPT2LMHeadModel's default config has use_cache=True, whose DynamicCache output torch.export refuses: the
+    rewrite traces its copy with the cache off; the user's model and config are untouched."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
+                                       eos_token_id=0)).eval()
+    ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
+    gm = seedrand.rewrite(model, EMPTY, (ids,)).eval()
+    assert model.config.use_cache is True
+    with torch.no_grad():
+        assert torch.equal(gm(ids).logits, model(ids).logits)

@@ -75,7 +75,8 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
 
     Returns:
         A ``torch.fx.GraphModule`` whose parameters are copies of the model's, in the model's train/eval mode, with
-        ``gm.meta["seedrand"]`` holding a :class:`RewriteRecord`. With an empty policy its outputs equal the model's
+        ``gm.meta["seedrand"]`` holding a :class:`RewriteRecord`. A ``transformers`` model whose config has
+        ``use_cache=True`` (the default) is traced with the cache off: the graph returns no key/value cache. With an empty policy its outputs equal the model's
         bit for bit and it trains like the model.
 
     Raises:
@@ -90,6 +91,9 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     policy = as_policy(policy)
     example_inputs = _check_arguments(model, example_inputs)
     model = copy.deepcopy(model)
+    config = getattr(model, "config", None)
+    if getattr(config, "use_cache", None) is True:  # transformers' default: a DynamicCache output cannot be exported
+        config.use_cache = False  # the copy's config only: the graph computes without a key/value cache
     targets = resolve(policy, model)
     groups = [list(g) for _, g in itertools.groupby(targets, key=lambda t: id(t.rule))]  # listed rule by rule
     for group in groups:

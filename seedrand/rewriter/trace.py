@@ -87,19 +87,25 @@ class _KeywordInputs:
     names it, since the graph was captured without it."""
 
     def __init__(self, signature: inspect.Signature, traced: int):
-        self.signature, self.traced = signature, traced
-        self.names = [p.name for p in signature.parameters.values()
-                      if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:traced]
+        # (name, kind, default) only: annotations (typing unions of transformers classes) need not pickle
+        self.parameters = [(p.name, p.kind, p.default) for p in signature.parameters.values()]
+        self.names = [name for name, kind, _ in self.parameters
+                      if kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)][:traced]
+
+    @property
+    def signature(self) -> inspect.Signature:
+        return inspect.Signature([inspect.Parameter(n, k, default=d) for n, k, d in self.parameters])
 
     def __call__(self, module: nn.Module, args: tuple, kwargs: dict):
         if not kwargs:
             return None
+        signature = self.signature
         try:
-            bound = self.signature.bind(*args, **kwargs)
+            bound = signature.bind(*args, **kwargs)
         except TypeError as e:
             raise SeedrandError(f"inputs do not fit {module.__class__.__name__}'s forward: {e}") from None
         for name, value in bound.arguments.items():
-            parameter = self.signature.parameters[name]
+            parameter = signature.parameters[name]
             if parameter.kind == parameter.VAR_KEYWORD and value:
                 name = next(iter(value))
             elif name in self.names or value is parameter.default or parameter.kind == parameter.VAR_KEYWORD:
