@@ -59,7 +59,7 @@ def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
 
 
 def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_inputs: Optional[tuple] = None, *,
-            dynamic_shapes=None) -> fx.GraphModule:
+            dynamic_shapes: Optional[tuple] = None) -> fx.GraphModule:
     """Apply ``policy`` to a deep copy of ``model`` and return the rewritten graph.
 
     Args:

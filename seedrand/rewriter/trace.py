@@ -338,7 +338,8 @@ def _exported(model: nn.Module, example_inputs, dynamic_shapes=None) -> tuple[fx
     return gm, info
 
 
-def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = None, dynamic_shapes=None
+def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = None,
+          dynamic_shapes: Optional[tuple] = None
           ) -> tuple[fx.GraphModule, TraceInfo]:
     """Capture ``model`` as a GraphModule (see the module docstring for the strategy).
 
