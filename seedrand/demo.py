@@ -34,6 +34,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 
 from . import zoo
+from ._optional import pyplot, require
 from .errors import SeedrandError
 from .garbage import collect_garbage
 from .intrinsic import Task, intrinsic_dimension
@@ -136,10 +137,7 @@ def _mlp(*widths: int) -> nn.Sequential:
 
 
 def _plot(path: Path, draw: Callable, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the demo's plots")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     draw(ax)
@@ -303,7 +301,7 @@ def _part_subspace(data: zoo.Digits, s: DemoSettings, out: Path, policies: Path)
 
 def _part_deployment(data: zoo.Digits, out: Path, shrunk: nn.Module, random_model: nn.Module) -> dict:
     """Part 5: compile the shrunk model; export it and the random MLP to ONNX; onnxruntime accuracy vs PyTorch."""
-    import onnxruntime as ort
+    ort = require("onnxruntime", "the demo's ONNX part")
 
     from .export import export_onnx
 

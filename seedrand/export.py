@@ -22,11 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Union
 
-import onnx
-import onnxscript.optimizer
 import torch
 import torch.nn as nn
 
+from ._optional import require
 from .errors import SeedrandError
 from .summary import summary
 
@@ -80,6 +79,8 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
     """
     if weights not in ("seed", "materialize"):
         raise SeedrandError(f"weights must be 'seed' or 'materialize', got {weights!r}")
+    onnx = require("onnx", "ONNX export")
+    optimizer = require("onnxscript.optimizer", "ONNX export")
     for name, module in model.named_modules():
         if getattr(module, "projection", None) == "orthogonal":
             raise SeedrandError(f"module {name!r}: the orthogonal subspace projection needs a QR decomposition, which "
@@ -101,7 +102,7 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
         model.train(was_training)
     proto = program.model_proto
     if weights == "materialize":
-        proto = onnxscript.optimizer.optimize(proto, input_size_limit=_NO_LIMIT, output_size_limit=_NO_LIMIT)
+        proto = optimizer.optimize(proto, input_size_limit=_NO_LIMIT, output_size_limit=_NO_LIMIT)
     _strip_metadata(proto.graph)
     path = Path(path)
     onnx.save_model(proto, str(path))
@@ -117,14 +118,14 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
     return report
 
 
-def _strip_metadata(graph: onnx.GraphProto) -> None:
+def _strip_metadata(graph) -> None:
     """Drop the per-node stack traces and module paths the exporter records: about 700 bytes per node, which would
     dominate a seed-mode file made of thousands of small Philox nodes."""
     for node in graph.node:
         del node.metadata_props[:]
         node.doc_string = ""
         for attribute in node.attribute:
-            if attribute.type == onnx.AttributeProto.GRAPH:
+            if attribute.type == type(attribute).GRAPH:
                 _strip_metadata(attribute.g)
 
 

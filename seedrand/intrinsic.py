@@ -14,6 +14,7 @@ from typing import Callable, Optional, Sequence
 import torch.nn as nn
 from tqdm import tqdm
 
+from ._optional import pyplot
 from .rewriter.rewrite import rewrite
 
 __all__ = ["intrinsic_dimension", "IntrinsicDimension", "Task"]
@@ -96,10 +97,7 @@ def intrinsic_dimension(task: Task, dims: Sequence[int], threshold: float = 0.9,
 
 
 def _write(result: IntrinsicDimension, out_dir: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot("the intrinsic-dimension plot")
 
     out_dir.mkdir(parents=True, exist_ok=True)
     result.csv_path, result.plot_path = out_dir / "intrinsic_dimension.csv", out_dir / "intrinsic_dimension.png"

@@ -12,6 +12,8 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
+from ._optional import require
+
 __all__ = ["mlp", "cnn", "resnet", "mobilenet_v2", "vit", "gpt2", "bert", "convnext", "llama", "FACTORIES", "digits_task", "digits_data", "Digits"]
 
 
@@ -62,21 +64,21 @@ def cnn() -> tuple[nn.Module, tuple]:
 
 def resnet() -> tuple[nn.Module, tuple]:
     """transformers ResNet (2 stages, bottleneck, BatchNorm, residual adds): input (2, 3, 32, 32)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.ResNetConfig(embedding_size=16, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10)
     return _seeded(lambda: tf.ResNetForImageClassification(cfg)), _inputs(2, 3, 32, 32)
 
 
 def mobilenet_v2() -> tuple[nn.Module, tuple]:
     """transformers MobileNetV2 (depthwise convs, ReLU6): input (2, 3, 32, 32)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.MobileNetV2Config(image_size=32, depth_multiplier=0.35, num_labels=10)
     return _seeded(lambda: tf.MobileNetV2ForImageClassification(cfg)), _inputs(2, 3, 32, 32)
 
 
 def vit() -> tuple[nn.Module, tuple]:
     """transformers ViT (patch embedding conv, 2 attention layers): input (2, 3, 32, 32)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.ViTConfig(image_size=32, patch_size=8, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                        intermediate_size=64, num_labels=10)
     return _seeded(lambda: tf.ViTForImageClassification(cfg)), _inputs(2, 3, 32, 32)
@@ -84,7 +86,7 @@ def vit() -> tuple[nn.Module, tuple]:
 
 def gpt2() -> tuple[nn.Module, tuple]:
     """transformers GPT-2 LM (HF ``Conv1D`` layers, tied embeddings), ``use_cache=False``: input ids (2, 8)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.GPT2Config(n_embd=32, n_layer=2, n_head=2, vocab_size=128, n_positions=64, use_cache=False,
                         bos_token_id=0, eos_token_id=0)
     return _seeded(lambda: tf.GPT2LMHeadModel(cfg)), _tokens(128)
@@ -92,7 +94,7 @@ def gpt2() -> tuple[nn.Module, tuple]:
 
 def bert() -> tuple[nn.Module, tuple]:
     """transformers BERT sequence classifier (2 layers): input ids (2, 8)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.BertConfig(vocab_size=128, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                         intermediate_size=64, max_position_embeddings=64, num_labels=3)
     return _seeded(lambda: tf.BertForSequenceClassification(cfg)), _tokens(128)
@@ -101,7 +103,7 @@ def bert() -> tuple[nn.Module, tuple]:
 def convnext() -> tuple[nn.Module, tuple]:
     """transformers ConvNeXt (depthwise 7x7 convs, LayerNorm, inverted-bottleneck Linears, layer scale):
     input (2, 3, 32, 32)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.ConvNextConfig(num_stages=2, hidden_sizes=[16, 32], depths=[1, 1], num_labels=10, image_size=32)
     return _seeded(lambda: tf.ConvNextForImageClassification(cfg)), _inputs(2, 3, 32, 32)
 
@@ -109,7 +111,7 @@ def convnext() -> tuple[nn.Module, tuple]:
 def llama() -> tuple[nn.Module, tuple]:
     """A Llama-style transformers causal LM (RMSNorm, rotary embeddings, gated SiLU MLP, grouped-query attention),
     ``use_cache=False``: input ids (2, 8)."""
-    import transformers as tf
+    tf = require("transformers", "seedrand.zoo's transformers models")
     cfg = tf.LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64, use_cache=False)
     return _seeded(lambda: tf.LlamaForCausalLM(cfg)), _tokens(128)
@@ -129,11 +131,11 @@ class Digits(NamedTuple):
 
 def digits_data() -> Digits:
     """The bundled scikit-learn digits (no download) as :class:`Digits`."""
-    from sklearn.datasets import load_digits
-    from sklearn.model_selection import train_test_split
+    datasets = require("sklearn.datasets", "the bundled digits data")
+    split = require("sklearn.model_selection", "the bundled digits data").train_test_split
 
-    data = load_digits()
-    x_train, x_test, y_train, y_test = train_test_split(data.data / 16.0, data.target, test_size=0.25, random_state=0,
+    data = datasets.load_digits()
+    x_train, x_test, y_train, y_test = split(data.data / 16.0, data.target, test_size=0.25, random_state=0,
                                                         stratify=data.target)
     return Digits(torch.tensor(x_train, dtype=torch.float32), torch.tensor(y_train),
                   torch.tensor(x_test, dtype=torch.float32), torch.tensor(y_test))

@@ -14,6 +14,7 @@ its weight (export).
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -163,21 +164,27 @@ def layout(gm: fx.GraphModule, target: Target) -> Layout:
     return layout_of(target, tuple(stored_weight(gm, target).shape))
 
 
+def _conv1d() -> tuple[type, ...]:
+    """transformers' ``Conv1D`` if transformers is imported (a model holding one has imported it), else ``()``:
+    seedrand itself never needs transformers."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return (module.Conv1D,) if module is not None else ()
+
+
 def layout_of(target: Target, shape: tuple[int, ...]) -> Layout:
     """The :class:`Layout` of a weight of the stored ``shape`` in a module of class ``target.cls``.
 
     Raises:
         PolicyError: the module is not one of the supported types.
     """
-    from transformers.pytorch_utils import Conv1D
-
+    conv1d = _conv1d()
     cls = target.cls
-    if not issubclass(cls, (nn.Linear, Conv1D, *_CONVS, nn.Embedding)):
+    if not issubclass(cls, (nn.Linear, *conv1d, *_CONVS, nn.Embedding)):
         raise target.error(f"{target.rule.action} supports nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and "
                            "nn.Embedding")
     if issubclass(cls, nn.Linear):
         return Layout("linear", shape, False, shape[1], shape[0], "kaiming_uniform")
-    if issubclass(cls, Conv1D):
+    if issubclass(cls, conv1d):
         return Layout("linear", shape[::-1], True, shape[0], shape[1], "normal(0.02)")
     if issubclass(cls, _CONVS):
         receptive = math.prod(shape[2:])
