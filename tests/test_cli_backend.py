@@ -173,24 +173,29 @@ def test_backend_random_refuses_what_it_cannot_regenerate(zoo_models):
         torch.compile(copy.deepcopy(model), backend="seedrand", options={"policy": policy})(*inputs)
 
 
-@pytest.mark.parametrize("name,policy", [
-    ("gpt2", {"version": 1, "seed": 2, "rules": [{"match": {"modules": [r"re:transformer\.h\.\d+\.mlp\..*"],
-                                                             "types": ["Conv1D"]}, "random": {}}]}),
-    ("llama", {"version": 1, "seed": 2, "rules": [{"match": {"modules": [r"re:model\.layers\.\d+\.mlp\..*"],
-                                                              "types": ["Linear"]}, "random": {}}]}),
-])
-def test_backend_policy_on_causal_lms_equals_rewrite(zoo_models, name, policy):
+CAUSAL_LM_POLICIES = {
+    "gpt2": {"version": 1, "seed": 2, "rules": [{"match": {"modules": [r"re:transformer\.h\.\d+\.mlp\..*"],
+                                                           "types": ["Conv1D"]}, "random": {}}]},
+    "llama": {"version": 1, "seed": 2, "rules": [{"match": {"modules": [r"re:model\.layers\.\d+\.mlp\..*"],
+                                                            "types": ["Linear"]}, "random": {}}]},
+}
+
+
+@pytest.mark.parametrize("name", ["gpt2", "llama"])
+@pytest.mark.parametrize("inductor", [False, True])
+def test_backend_policy_on_causal_lms_equals_rewrite(zoo_models, name, inductor):
     """On transformers CausalLMs (a forward wrapped by a decorator: Dynamo names the model L['args'][0]) the
     backend's policy matches the names of model.named_modules(), and `random` regenerates Conv1D (addmm) and Linear
-    weights with the keys seedrand.rewrite uses: the same logits."""
+    weights with the keys seedrand.rewrite uses: the same logits and gradients, through AOTAutograd's eager kernels
+    and through Inductor."""
     import seedrand
 
     model, inputs = zoo_models[name]
-    model = copy.deepcopy(model).eval()
+    model, policy = copy.deepcopy(model).eval(), CAUSAL_LM_POLICIES[name]
     rewritten = seedrand.rewrite(model, policy, inputs).eval()
     expected = logits(rewritten(*inputs))
     torch._dynamo.reset()
-    compiled = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": False})
+    compiled = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})
     out = logits(compiled(*inputs))
     torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.square().mean().backward()
