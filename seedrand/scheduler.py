@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections import deque
 from dataclasses import dataclass, field
 
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
@@ -111,16 +113,36 @@ class CapacityScheduler:
         value = float(loss.detach()) if isinstance(loss, torch.Tensor) else float(loss)
         grown = []
         for group, modules in self.groups.items():
-            plateau = self.plateaus[group]
-            if self.stage(group) == modules[0].stages or not plateau.update(value):
-                continue
-            for module in modules:
-                for p in module.grow():
-                    self.optimizer.state.pop(p, None)
-            plateau.reset()
-            self.transitions.append(Transition(self.step_count, group, self.stage(group)))
-            grown.append(group)
+            if self.stage(group) < modules[0].stages and self.plateaus[group].update(value):
+                self._grow(group)
+                grown.append(group)
         return grown
+
+    def grow(self, group: Optional[str] = None) -> list[str]:
+        """Grow now, whatever the loss: rule ``group`` (its label), or every rule that can still grow. The optimizer
+        is kept consistent as in :meth:`step`, and the plateau tracker of each grown rule starts anew.
+
+        Returns:
+            The labels of the rules that grew.
+
+        Raises:
+            ValueError: ``group`` is not a rule of this model, or all its stages are active already.
+        """
+        if group is not None and group not in self.groups:
+            raise ValueError(f"no grow rule {group!r}; the rules are {', '.join(map(repr, self.groups))}")
+        groups = [group] if group is not None else [g for g, m in self.groups.items() if self.stage(g) < m[0].stages]
+        for g in groups:
+            if self.stage(g) == self.groups[g][0].stages:
+                raise ValueError(f"rule {g!r} has all its {self.stage(g)} stages active; it cannot grow")
+            self._grow(g)
+        return groups
+
+    def _grow(self, group: str) -> None:
+        for module in self.groups[group]:
+            for p in module.grow():
+                self.optimizer.state.pop(p, None)
+        self.plateaus[group].reset()
+        self.transitions.append(Transition(self.step_count, group, self.stage(group)))
 
     def state_dict(self) -> dict:
         """The plateau trackers, step count and transitions (the stages themselves are in the model's state

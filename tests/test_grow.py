@@ -219,3 +219,27 @@ def test_layers_that_cannot_grow_are_refused_and_the_model_is_untouched():
     with pytest.raises(PolicyError, match="3 output units, fewer than stages: 5"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["1"]}, "grow": {"stages": 5}}]})
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_manual_grow_step():
+    """scheduler.grow() grows now, whatever the loss: one rule or every rule that can, dropping the frozen slices'
+    optimizer state as a plateau would, and starting the plateau tracker anew."""
+    _, gm = grown(window=2, stages=3)
+    optimizer = torch.optim.Adam(gm.parameters(), lr=1e-2)
+    scheduler = CapacityScheduler(gm, optimizer)
+    _train(gm, optimizer, scheduler, 1)
+    hidden, readout = "'hidden' (rules[0])", "'readout' (rules[1])"
+    first = gm.get_submodule("0.weight").slices[0]
+    assert first in optimizer.state
+    assert scheduler.grow(hidden) == [hidden]
+    assert scheduler.stage(hidden) == 2 and scheduler.stage(readout) == 1
+    assert first not in optimizer.state and not first.requires_grad  # frozen: its Adam moments dropped
+    assert not scheduler.plateaus[hidden].losses
+    assert scheduler.grow() == [hidden, readout]
+    assert scheduler.grow() == [readout] and scheduler.stage(readout) == 3
+    assert [t.stage for t in scheduler.transitions] == [2, 3, 2, 3]
+    with pytest.raises(ValueError, match="has all its 3 stages active"):
+        scheduler.grow(hidden)
+    with pytest.raises(ValueError, match="no grow rule 'other'"):
+        scheduler.grow("other")
+    assert scheduler.grow() == []
