@@ -103,3 +103,22 @@ def test_more_transformers_models_in_seed_mode(zoo_models, tmp_path, name, types
     report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx", weights="seed")
     np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("weights", ["seed", "materialize"])
+def test_llama_with_random_and_frozen_fraction_layers(zoo_models, tmp_path, weights):
+    """A rewritten Llama (grouped-query attention; random MLPs, half of each output projection's filters frozen at
+    a random choice) exports in both modes; onnxruntime equals torch. Its random layers are small, so seed mode's
+    file is the larger and the report says so."""
+    model, inputs = zoo_models["llama"]
+    policy = {"version": 1, "seed": 3, "rules": [
+        {"match": {"modules": [r"re:model\.layers\.\d+\.mlp\..*"], "types": ["Linear"]}, "random": {}},
+        {"match": {"modules": [r"re:model\.layers\.\d+\.self_attn\.o_proj"]},
+         "freeze_fraction": {"fraction": 0.5, "select": "random"}}]}
+    gm = seedrand.rewrite(model, policy, inputs).eval()
+    report = export_onnx(gm, inputs, tmp_path / "llama.onnx", weights=weights)
+    session = ort.InferenceSession(str(report.path))
+    out = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]
+    with torch.no_grad():
+        np.testing.assert_allclose(out, logits(gm(*inputs)).numpy(), rtol=1e-5, atol=1e-5)
+    assert bool(report.note) == (weights == "seed")
