@@ -27,6 +27,7 @@ import torch.nn as nn
 
 from ._optional import require
 from .errors import SeedrandError
+from .rewriter.trace import _dynamic_dims
 from .summary import summary
 
 __all__ = ["export_onnx", "OnnxExport"]
@@ -42,6 +43,8 @@ class OnnxExport:
 
     Attributes:
         path: the file; bytes: its size (bytes); weights: the mode; opset: the ONNX opset.
+        dynamic: whether the batch dimension of every tensor input (and the sequence of integer inputs) is a
+            dynamic axis of the file; ``False`` when the model could only be exported at the example's sizes.
         regenerated_bytes: float32 bytes of the weights the model regenerates (what ``materialize`` stores; in
             ``seed`` mode the graph computes them instead).
         graph_bytes: serialized bytes of the graph's nodes, initializers excluded: in ``seed`` mode mostly the
@@ -54,6 +57,7 @@ class OnnxExport:
     bytes: int
     weights: str
     opset: int
+    dynamic: bool = False
     regenerated_bytes: int = 0
     graph_bytes: int = 0
     note: str = ""
@@ -65,7 +69,9 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
 
     Args:
         model: a model returned by ``seedrand.rewrite`` (any ``nn.Module`` works).
-        args: example positional inputs (a tensor or a tuple); dimensions stay as in these inputs.
+        args: example positional inputs (a tensor or a tuple). The batch dimension of each tensor (and the sequence
+            dimension of integer inputs) is exported as a dynamic axis where the model allows it, else every
+            dimension stays as in these inputs (``OnnxExport.dynamic`` says which).
         path: the ``.onnx`` file to write.
         weights: ``"seed"`` (regenerated in the graph) or ``"materialize"`` (stored as initializers).
         opset: ONNX opset (onnxruntime 1.31 accepts up to 26).
@@ -93,8 +99,14 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _REGISTRY_LOG.setLevel(logging.ERROR)
-            program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
-                                        verbose=False)
+            dynamic = tuple(_dynamic_dims(a) if isinstance(a, torch.Tensor) else None for a in args)
+            try:
+                program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
+                                            verbose=False, dynamic_shapes=dynamic)
+            except Exception:  # noqa: BLE001 - a model whose batch cannot vary still exports at its inputs' sizes
+                dynamic = None
+                program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
+                                            verbose=False)
     except Exception as e:  # the exporter raises several types; keep its diagnosis
         raise SeedrandError(f"ONNX export failed: {_diagnosis(e, model, args)}") from e
     finally:
@@ -107,7 +119,7 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
     path = Path(path)
     onnx.save_model(proto, str(path))
     onnx.checker.check_model(str(path), full_check=True)
-    report = OnnxExport(path, path.stat().st_size, weights, opset,
+    report = OnnxExport(path, path.stat().st_size, weights, opset, dynamic=dynamic is not None,
                         regenerated_bytes=summary(model).total.regenerated_bytes,
                         graph_bytes=sum(node.ByteSize() for node in proto.graph.node))
     if weights == "seed" and report.graph_bytes > report.regenerated_bytes:

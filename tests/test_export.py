@@ -122,3 +122,20 @@ def test_llama_with_random_and_frozen_fraction_layers(zoo_models, tmp_path, weig
     with torch.no_grad():
         np.testing.assert_allclose(out, logits(gm(*inputs)).numpy(), rtol=1e-5, atol=1e-5)
     assert bool(report.note) == (weights == "seed")
+
+
+def test_batch_and_sequence_are_dynamic_axes(zoo_models, tmp_path):
+    """The file runs at other batch sizes (and, for token inputs, sequence lengths) than the example's."""
+    for name in ("mlp", "llama"):
+        model, inputs = zoo_models[name]
+        gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [
+            {"match": {"types": ["Linear"]}, "optional": True, "random": {}}]}, inputs).eval()
+        report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx")
+        assert report.dynamic
+        session = ort.InferenceSession(str(report.path))
+        other = tuple(torch.cat([x, x, x]) for x in inputs)
+        if name == "llama":
+            other = (other[0][:, :5],)
+        out = session.run(None, {i.name: x.numpy() for i, x in zip(session.get_inputs(), other)})[0]
+        with torch.no_grad():
+            np.testing.assert_allclose(out, logits(gm(*other)).numpy(), rtol=1e-5, atol=1e-5)
