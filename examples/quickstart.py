@@ -26,4 +26,4 @@ random_mlp = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"types": 
 out_dir = tempfile.mkdtemp()
 for weights in ("seed", "materialize"):
     report = seedrand.export_onnx(random_mlp, x, f"{out_dir}/mlp_{weights}.onnx", weights=weights)
-    print(f"{weights}: {report.bytes:,} bytes")  # seed: 79,822 bytes; materialize: 5,264,180 bytes
+    print(f"{weights}: {report.bytes:,} bytes")  # seed: 79,870 bytes; materialize: 5,264,228 bytes
