@@ -27,7 +27,7 @@ import torch.nn as nn
 
 from ._optional import require
 from .errors import SeedrandError
-from .rewriter.trace import _dynamic_dims
+from .rewriter.trace import default_dynamic_shapes
 from .summary import summary
 
 __all__ = ["export_onnx", "OnnxExport"]
@@ -99,7 +99,7 @@ def export_onnx(model: nn.Module, args: Union[tuple, torch.Tensor], path: Union[
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             _REGISTRY_LOG.setLevel(logging.ERROR)
-            dynamic = tuple(_dynamic_dims(a) if isinstance(a, torch.Tensor) else None for a in args)
+            dynamic = default_dynamic_shapes(args)
             try:
                 program = torch.onnx.export(model, args, dynamo=True, opset_version=opset, optimize=False,
                                             verbose=False, dynamic_shapes=dynamic)

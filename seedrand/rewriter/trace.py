@@ -40,7 +40,7 @@ from torch.utils import _pytree as pytree
 from ..errors import ModelError, SeedrandError, TraceError
 from .graph import full_args
 
-__all__ = ["trace", "TraceInfo"]
+__all__ = ["trace", "TraceInfo", "default_dynamic_shapes"]
 
 _aten = torch.ops.aten
 _VALUE_PRESERVING = {_aten.contiguous.default}  # ops whose presence in one mode only changes no value
@@ -216,19 +216,22 @@ def _symbolic(model: nn.Module, leaves: set[str], example_inputs, reference) -> 
     return gm, info
 
 
-def _dynamic_dims(x: torch.Tensor) -> dict:
-    """The dimensions of an example input that may change in use: the batch, and the sequence of token ids
-    (integer inputs of two or more dimensions). Every other dimension is static: symbolic spatial sizes through
-    window partitioning made a tiny Swin take 174 s to export, against 1.3 s static (a new size traces again)."""
-    dims = [0] if x.dim() else []
-    if x.dim() >= 2 and not x.is_floating_point() and not x.is_complex():
-        dims.append(1)
-    return {d: Dim.AUTO for d in dims}
+def default_dynamic_shapes(inputs: tuple) -> tuple:
+    """``torch.export``'s ``dynamic_shapes`` for positional ``inputs``: per tensor, its batch dimension and, for
+    integer (token) inputs of two or more dimensions, its sequence dimension as ``Dim.AUTO``; ``None`` for other
+    inputs. Every other dimension is static: symbolic spatial sizes through window partitioning made a tiny Swin take
+    174 s to export, against 1.3 s static (a new size traces again). Raises nothing."""
+    def dims(x: torch.Tensor) -> dict:
+        chosen = [0] if x.dim() else []
+        if x.dim() >= 2 and not x.is_floating_point() and not x.is_complex():
+            chosen.append(1)
+        return {d: Dim.AUTO for d in chosen}
+
+    return tuple(dims(x) if isinstance(x, torch.Tensor) else None for x in inputs)
 
 
 def _export(model: nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
-    dynamic = dynamic_shapes if dynamic_shapes is not None else tuple(
-        _dynamic_dims(a) if isinstance(a, torch.Tensor) else None for a in example_inputs)
+    dynamic = dynamic_shapes if dynamic_shapes is not None else default_dynamic_shapes(example_inputs)
     return torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
 
 
@@ -349,7 +352,7 @@ def trace(model: nn.Module, leaves: set[str], example_inputs: Optional[tuple] = 
         example_inputs: positional inputs (a tuple; a single tensor is accepted). Needed for the export fallback,
             and used to check the symbolic trace.
         dynamic_shapes: for the export fallback, ``torch.export``'s ``dynamic_shapes`` for ``example_inputs``;
-            ``None``: the batch dimension, and the sequence of integer inputs (:func:`_dynamic_dims`).
+            ``None``: the batch dimension, and the sequence of integer inputs (:func:`default_dynamic_shapes`).
 
     Returns:
         ``(graph_module, TraceInfo)``. The GraphModule's parameters are the model's own objects, in train or eval
