@@ -34,7 +34,7 @@ from safetensors.torch import save_file
 from .errors import CheckpointError, SeedrandError, shown
 from .garbage import replay_collections
 from .policy import MAX_POLICY_BYTES, parse_policy
-from .rewriter.rewrite import RECORD_KEY, rewrite
+from .rewriter.rewrite import record_of, rewrite
 
 __all__ = ["save", "load", "tensor_checksum"]
 
@@ -79,8 +79,9 @@ class _Metadata(BaseModel):
     metadata_sha256: str
 
 
-def save(model: fx.GraphModule, path: Union[str, Path]) -> None:
-    """Write a model returned by :func:`seedrand.rewrite` (and trained since) to ``path`` (safetensors).
+def save(model: nn.Module, path: Union[str, Path]) -> None:
+    """Write a model returned by :func:`seedrand.rewrite` (the kept model or the graph, trained since) to ``path``
+    (safetensors).
 
     Tensors that share memory (tied parameters) are written once; the file is written to a temporary name and
     renamed, so an interrupted save never leaves a partial file at ``path``.
@@ -89,7 +90,7 @@ def save(model: fx.GraphModule, path: Union[str, Path]) -> None:
         SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, or its example inputs are not all tensors.
         CheckpointError: the folder of ``path`` does not exist.
     """
-    record = getattr(model, "meta", {}).get(RECORD_KEY)
+    record = record_of(model)
     if record is None:
         raise SeedrandError("seedrand.save needs a model returned by seedrand.rewrite (it saves the policy with it)")
     inputs = record.example_inputs or ()
@@ -124,7 +125,8 @@ def save(model: fx.GraphModule, path: Union[str, Path]) -> None:
             os.remove(tmp)
 
 
-def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tuple] = None) -> fx.GraphModule:
+def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tuple] = None, *,
+         graph: bool = False) -> Union[nn.Module, fx.GraphModule]:
     """Rebuild a model saved by :func:`save`: apply its policy to ``model`` (the original architecture, never
     modified) and load its tensors.
 
@@ -132,9 +134,11 @@ def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tupl
         path: a file written by :func:`save`.
         model: the un-rewritten architecture the saved model came from (any weights).
         example_inputs: inputs to trace with; defaults to the ones saved with the model.
+        graph: return the rewritten ``GraphModule`` instead of the kept model (as :func:`seedrand.rewrite`).
 
     Returns:
-        The rewritten ``GraphModule``, in the saved train/eval mode, whose outputs equal the saved model's bit for bit.
+        The rewritten model (of ``model``'s class, or the ``GraphModule`` with ``graph=True``), in the saved
+        train/eval mode, whose outputs equal the saved model's bit for bit.
 
     Raises:
         CheckpointError: not a seedrand file (missing, a directory, not safetensors, truncated, another format),
@@ -157,7 +161,7 @@ def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tupl
             raise CheckpointError(path, f"alias {shown(name)} refers to {shown(kept)}, which the file does not hold")
         tensors[name] = tensors[kept]
     policy = parse_policy(meta.policy, f"{path}:policy")
-    gm = rewrite(model, policy, saved_inputs if example_inputs is None else example_inputs)
+    gm = rewrite(model, policy, saved_inputs if example_inputs is None else example_inputs, graph=graph)
     try:
         replay_collections(gm, meta.collections)
         gm.load_state_dict(tensors, strict=True)

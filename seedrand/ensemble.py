@@ -129,7 +129,7 @@ def ensemble(model: nn.Module, policy: Union[Policy, str, Path, dict], members: 
     if members < 1:
         raise ValueError(f"an ensemble needs at least one member, got members={members}")
     policy = as_policy(policy)
-    first = rewrite(model, policy, example_inputs)
+    first = rewrite(model, policy, example_inputs, graph=True)  # members share tensors: one graph each
     shared = {id(t): t for t in _shared(first)}
     copies = [first]
     for index in range(1, members):

@@ -15,6 +15,7 @@ way, so training simply continues. The decision is made for the whole model befo
 
 from __future__ import annotations
 
+import copy
 import functools
 from dataclasses import dataclass, field
 from typing import Optional
@@ -28,7 +29,9 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ModelError, SeedrandError, shown
 from .passes.filter_gates import FilterGate
 from .rewriter.channels import ChannelGraph, Ref
-from .rewriter.rewrite import RECORD_KEY
+from .passes.layout import _conv1d
+from .rewriter.kept import share_tensors, verify
+from .rewriter.rewrite import graph_of, record_of
 
 __all__ = ["collect_garbage", "GarbageReport", "replay_collections"]
 
@@ -43,6 +46,8 @@ class GarbageReport:
         parameters_before, parameters_after: parameter element counts of the whole model.
         bytes_before, bytes_after: parameter bytes of the whole model.
         flops_before, flops_after: FLOPs of one forward on the rewrite's example inputs (``torch.utils.flop_counter``).
+        not_applied: for a kept model, why nothing changed although channels were dead (its own code does not
+            follow the smaller tensors: a literal size in a forward); ``graph=True`` can remove them. Else ``None``.
     """
 
     removed: dict[str, int] = field(default_factory=dict)
@@ -53,6 +58,7 @@ class GarbageReport:
     bytes_after: int = 0
     flops_before: int = 0
     flops_after: int = 0
+    not_applied: Optional[str] = None
 
 
 def _module(gm: fx.GraphModule, node: fx.Node) -> Optional[nn.Module]:
@@ -88,13 +94,16 @@ def _shrink(param: nn.Parameter, dim: int, index: torch.Tensor, optimizer: Optio
         param.data, param.grad = smaller.data, smaller.grad
 
 
-def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optimizer] = None,
+def collect_garbage(model: nn.Module, optimizer: Optional[torch.optim.Optimizer] = None,
                     explain: bool = False) -> GarbageReport:
     """Remove dead channels from ``model`` in place (see the module docstring).
 
     Args:
-        model: a GraphModule returned by ``seedrand.rewrite`` (symbolically traced or exported) with example inputs,
-            with which shapes are propagated.
+        model: a model returned by ``seedrand.rewrite`` with example inputs (with which shapes are propagated):
+            the kept model or the GraphModule (``graph=True``). The analysis runs on the graph; a kept model's
+            modules shrink in place too (the same ``Parameter`` objects; the size attributes their forwards read:
+            ``in/out_features``, ``in/out_channels``, ``groups``, ``num_features``, LayerNorm's
+            ``normalized_shape``, ``Conv1D.nf``), after a trial on a copy showed its outputs unchanged.
         optimizer: its optimizer, whose state is sliced to match; training continues without rebuilding it.
         explain: print which op kept which gate's dead channels.
 
@@ -102,11 +111,41 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
         A :class:`GarbageReport`.
 
     Raises:
-        SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, or was rewritten without example inputs.
+        SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, was rewritten without example inputs, or
+            is an unpickled kept model (``torch.save(model)`` does not keep the graph; ``seedrand.save``/``load`` do).
         ModelError: the optimizer holds none of the model's parameters, or keeps state seedrand cannot slice
             (LBFGS, flat or factored state); checked before anything changes, so the model is untouched.
     """
     record = _record(model)
+    gm = graph_of(model)
+    if gm is None:
+        raise SeedrandError("this kept model has no rewritten graph beside it (unpickled: torch.save does not keep "
+                            "it); collect_garbage analyses that graph: save and load with seedrand.save/seedrand.load")
+    if gm is model:
+        return _collect(gm, record, optimizer, explain)
+    share_tensors(model, gm)  # the model's tensors now (after .to(), load_state_dict, a collection)
+    trial = copy.deepcopy(model)
+    trial_report = _collect(graph_of(trial), record_of(trial), None, False)
+    if trial_report.removed:
+        share_tensors(graph_of(trial), trial)
+        _follow_sizes(trial)
+        try:
+            verify(trial, graph_of(trial), record.example_inputs, record.trace.locked_mode)
+        except ModelError as e:
+            trial_report.removed, trial_report.not_applied = {}, f"{e} (garbage collection changed nothing)"
+            trial_report.parameters_after, trial_report.flops_after = (trial_report.parameters_before,
+                                                                       trial_report.flops_before)
+            trial_report.bytes_after = trial_report.bytes_before
+            return trial_report
+    report = _collect(gm, record, optimizer, explain)
+    share_tensors(gm, model)  # buffers are replaced, not shrunk in place
+    _follow_sizes(model)
+    return report
+
+
+def _collect(model: fx.GraphModule, record, optimizer: Optional[torch.optim.Optimizer],
+             explain: bool) -> GarbageReport:
+    """:func:`collect_garbage` on the rewritten graph ``model`` itself."""
     report = GarbageReport()
     report.parameters_before, report.bytes_before = _size(model)
     report.flops_before = _propagate(model, record.example_inputs)
@@ -137,7 +176,7 @@ def collect_garbage(model: fx.GraphModule, optimizer: Optional[torch.optim.Optim
     return report
 
 
-def replay_collections(model: fx.GraphModule, collections: list[list[int]]) -> None:
+def replay_collections(model: nn.Module, collections: list[list[int]]) -> None:
     """Remove from a freshly rewritten ``model``, in place, the channel groups that earlier
     :func:`collect_garbage` calls removed from a model rewritten by the same policy from the same architecture (its
     ``RewriteRecord.collections``), so that its tensors take their shapes again; ``seedrand.load`` does this before
@@ -150,6 +189,8 @@ def replay_collections(model: fx.GraphModule, collections: list[list[int]]) -> N
     if not collections:  # a model rewritten without example inputs has none, and nothing to replay
         return
     record = _record(model)
+    kept, model = model, graph_of(model)
+    share_tensors(kept, model)
     for removed in collections:
         _propagate(model, record.example_inputs)
         graph = ChannelGraph(model)
@@ -159,10 +200,13 @@ def replay_collections(model: fx.GraphModule, collections: list[list[int]]) -> N
                                 f"{removed[:8]}...): it was not rewritten by the same policy from the same architecture")
         _apply(model, plan, None, GarbageReport())
         record.collections.append(list(removed))
+    if kept is not model:
+        share_tensors(model, kept)
+        _follow_sizes(kept)
 
 
-def _record(model: fx.GraphModule):
-    record = getattr(model, "meta", {}).get(RECORD_KEY)
+def _record(model: nn.Module):
+    record = record_of(model)
     if record is None:
         raise SeedrandError("collect_garbage needs a model returned by seedrand.rewrite")
     if record.example_inputs is None:
@@ -287,11 +331,31 @@ def _slice(ref: Ref, dim: int, keep: torch.Tensor, name: Optional[str], count: i
 def _resize(module: nn.Module, old_out: int, *_) -> None:
     """Keep a Linear/Conv/BatchNorm's size attributes true to its tensors after slicing (a conv's groups shrink in
     proportion: whole groups went)."""
+    if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
+        module.groups = module.groups * module.weight.shape[0] // old_out
+    _follow_tensors(module)
+
+
+def _follow_tensors(module: nn.Module) -> None:
+    """Set the size attributes of a Linear, Conv (groups given), BatchNorm, LayerNorm or transformers ``Conv1D``
+    from its tensors' shapes; other modules are left as they are."""
     if isinstance(module, nn.Linear):
         module.out_features, module.in_features = module.weight.shape
     elif isinstance(module, nn.modules.conv._ConvNd):
-        if module.groups > 1:
-            module.groups = module.groups * module.weight.shape[0] // old_out
         module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-    else:
+    elif isinstance(module, nn.modules.batchnorm._NormBase):
         module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
+    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+        module.normalized_shape = tuple(module.weight.shape)
+    elif isinstance(module, _conv1d()):
+        module.nf = module.weight.shape[1]
+
+
+def _follow_sizes(kept: nn.Module) -> None:
+    """:func:`_follow_tensors` on every module of a kept model, whose tensors garbage collection shrank in the
+    graph; a grouped convolution's ``groups`` shrink with whole groups (its ``out_channels`` tells the old width)."""
+    for module in kept.modules():
+        if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and \
+                module.weight.shape[0] != module.out_channels:
+            module.groups = module.groups * module.weight.shape[0] // module.out_channels
+        _follow_tensors(module)

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from .passes.regenerated import Regenerating
 from .rewriter.graph import own_parameters
-from .rewriter.rewrite import RECORD_KEY
+from .rewriter.rewrite import record_of
 
 __all__ = ["summary", "Summary", "Counts"]
 
@@ -184,16 +184,15 @@ def summary(model: nn.Module) -> Summary:
     """Account for every parameter of ``model``: per module a policy selected, and in total.
 
     Args:
-        model: a GraphModule returned by :func:`seedrand.rewrite` (rows per selected module), or any module
-            (totals only).
+        model: a model returned by :func:`seedrand.rewrite`, kept or graph (rows per selected module), or any
+            module (totals only).
 
     Returns:
         A :class:`Summary`; counts are elements, ``*_bytes`` are bytes. ``regenerated`` counts the weights seedrand
         modules regenerate (their Philox streams), each once however many modules share it (ensemble members);
         they occupy no memory. Raises nothing.
     """
-    meta = getattr(model, "meta", None)
-    record = meta.get(RECORD_KEY) if isinstance(meta, dict) else None
+    record = record_of(model)
     result = Summary(strategy=record.trace.strategy if record else None)
     owned: set[int] = set()
     if record:

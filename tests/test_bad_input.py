@@ -65,26 +65,26 @@ def test_rewrite_refuses_what_is_not_a_model_and_leaves_the_model_alone():
     before = snapshot(model)
     policy = {"version": 1, "rules": [{"match": {"types": ["Linear"]}, "random": {}}]}
     with pytest.raises(ModelError, match="takes an nn.Module as the model, not function"):
-        seedrand.rewrite(lambda x: x, policy)
+        seedrand.rewrite(lambda x: x, policy, graph=True)
     with pytest.raises(ModelError, match="a tuple"):
-        seedrand.rewrite(model, policy, {"x": inputs[0]})
+        seedrand.rewrite(model, policy, {"x": inputs[0]}, graph=True)
     with pytest.raises(PolicyError, match="a policy is a seedrand.Policy, a path to a YAML file or a dict, not int"):
-        seedrand.rewrite(model, 5, inputs)
+        seedrand.rewrite(model, 5, inputs, graph=True)
     for bad in [(inputs[0].double(),), (inputs[0][:, :2],), (inputs[0].long(),), ()]:
         with pytest.raises(ModelError, match="own forward fails on the example inputs"):
-            seedrand.rewrite(model, policy, bad)
+            seedrand.rewrite(model, policy, bad, graph=True)
     assert_unchanged(model, before)
 
 
 def test_a_rewritten_model_is_not_rewritten_again():
     model, inputs = net()
     policy = {"version": 1, "rules": [{"match": {"types": ["Linear"]}, "random": {}}]}
-    gm = seedrand.rewrite(model, policy, inputs)
+    gm = seedrand.rewrite(model, policy, inputs, graph=True)
     with pytest.raises(ModelError, match="returned by seedrand.rewrite already"):
-        seedrand.rewrite(gm, {"version": 1, "rules": []}, inputs)
+        seedrand.rewrite(gm, {"version": 1, "rules": []}, inputs, graph=True)
     holder = nn.Sequential(gm.fc1)  # a seedrand module inside a plain model
     with pytest.raises(ModelError, match="'0'|the root module|0 is a seedrand"):
-        seedrand.rewrite(holder, {"version": 1, "rules": []})
+        seedrand.rewrite(holder, {"version": 1, "rules": []}, graph=True)
 
 
 class DataDependent(nn.Module):
@@ -103,7 +103,7 @@ class DataDependent(nn.Module):
 def test_a_failed_trace_prints_nothing(capsys):
     """torch's own dump of the graph a tracing attempt failed in is not printed: seedrand's error says it once."""
     with pytest.raises(seedrand.TraceError, match=r"torch.export failed .*test_bad_input.py:\d+: n = int"):
-        seedrand.rewrite(DataDependent(), {"version": 1, "rules": []}, (torch.randn(3, 4),))
+        seedrand.rewrite(DataDependent(), {"version": 1, "rules": []}, (torch.randn(3, 4),), graph=True)
     captured = capsys.readouterr()
     assert captured.err == "" and captured.out == ""
 
@@ -114,14 +114,14 @@ def test_subspace_refuses_tied_and_parametrized_weights():
     x = torch.randn(2, 4)
     policy = {"version": 1, "rules": [{"match": {"modules": ["0"]}, "subspace": {"dim": 2}}]}
     with pytest.raises(PolicyError, match="0.weight is tied to 1.weight; subspace cannot"):
-        seedrand.rewrite(tied, policy, x)
+        seedrand.rewrite(tied, policy, x, graph=True)
     glob = {"version": 1, "rules": [{"match": {"modules": ["0", "1"]}, "subspace": {"dim": 2, "scope": "global"}}]}
     with pytest.raises(PolicyError, match="is tied to"):
-        seedrand.rewrite(tied, glob, x)
+        seedrand.rewrite(tied, glob, x, graph=True)
     normed = nn.Sequential(torch.nn.utils.parametrizations.weight_norm(nn.Linear(4, 4)), nn.Linear(4, 2))
     before = snapshot(normed)
     with pytest.raises(PolicyError, match="its weight is computed by a torch.nn.utils.parametrize"):
-        seedrand.rewrite(normed, policy, x)
+        seedrand.rewrite(normed, policy, x, graph=True)
     assert_unchanged(normed, before)
 
 
@@ -130,7 +130,7 @@ def test_subspace_dim_beyond_d_is_a_policy_error():
     for scope in ("per_layer", "global"):
         policy = {"version": 1, "rules": [{"match": {"modules": ["fc1"]}, "subspace": {"dim": 2**62, "scope": scope}}]}
         with pytest.raises(PolicyError, match=r"needs dim <= D, the number of parameters \(112\)"):
-            seedrand.rewrite(model, policy, inputs)
+            seedrand.rewrite(model, policy, inputs, graph=True)
 
 
 def test_frozen_parameters_stay_frozen():
@@ -140,12 +140,12 @@ def test_frozen_parameters_stay_frozen():
     model.fc1.weight.requires_grad_(False)
     model.fc1.bias.requires_grad_(False)
     gm = seedrand.rewrite(model, {"version": 1, "rules": [
-        {"match": {"modules": ["fc1", "fc2"]}, "freeze_fraction": {"fraction": 0.5}}]}, inputs)
+        {"match": {"modules": ["fc1", "fc2"]}, "freeze_fraction": {"fraction": 0.5}}]}, inputs, graph=True)
     assert not any(p.requires_grad for n, p in gm.named_parameters() if n.startswith("fc1."))
     assert all(p.requires_grad for n, p in gm.named_parameters() if n.startswith("fc2."))
     with pytest.raises(PolicyError, match="'fc1' .*its weight has requires_grad=False"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["fc1"]}, "grow": {"stages": 2}}]},
-                         inputs)
+                         inputs, graph=True)
 
 
 def bomb(levels):
@@ -308,7 +308,7 @@ def test_fuzzed_policies_are_valid_or_located_policy_errors(text):
         assert str(e).startswith(f"fuzz.yaml:{e.line}:{e.column}: ")
         return
     try:
-        seedrand.rewrite(model, policy, inputs)
+        seedrand.rewrite(model, policy, inputs, graph=True)
     except SeedrandError as e:
         assert str(e)
     assert_unchanged(model, before)

@@ -23,7 +23,7 @@ MIXED = {"version": 1, "seed": 9, "rules": [
 
 
 def trained(model, policy, inputs, steps=2):
-    gm = seedrand.rewrite(model, policy, inputs).train()
+    gm = seedrand.rewrite(model, policy, inputs, graph=True).train()
     opt = torch.optim.SGD([p for p in gm.parameters() if p.requires_grad], lr=0.1)
     for _ in range(steps):
         opt.zero_grad()
@@ -41,7 +41,7 @@ def test_save_load_round_trip_is_bit_identical(tmp_path, dtype):
     with torch.no_grad():
         for p in fresh.parameters():
             p.zero_()  # the architecture's own weights must not matter
-    loaded = seedrand.load(tmp_path / "m.safetensors", fresh)
+    loaded = seedrand.load(tmp_path / "m.safetensors", fresh, graph=True)
     assert not loaded.training
     assert torch.equal(loaded(*inputs), gm(*inputs))
     assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), gm.state_dict().values()))
@@ -53,7 +53,7 @@ def test_exported_model_round_trip_uses_saved_inputs(zoo_models, tmp_path):
                                    {"match": {"modules": ["transformer.wpe"]}, "freeze_fraction": {"fraction": 0.5}}]}
     gm = trained(model, policy, inputs, steps=1)
     seedrand.save(gm, tmp_path / "g.safetensors")  # lm_head and wte are tied: written once
-    loaded = seedrand.load(tmp_path / "g.safetensors", model)
+    loaded = seedrand.load(tmp_path / "g.safetensors", model, graph=True)
     assert torch.equal(logits(loaded(*inputs)), logits(gm(*inputs)))
 
 
@@ -62,7 +62,7 @@ def test_state_dict_survives_weights_only_torch_load(tmp_path):
     gm = trained(model, MIXED, inputs)
     torch.save(gm.state_dict(), tmp_path / "s.pt")
     state = torch.load(tmp_path / "s.pt", weights_only=True)
-    other = seedrand.rewrite(model, MIXED, inputs)
+    other = seedrand.rewrite(model, MIXED, inputs, graph=True)
     other.load_state_dict(state)
     assert torch.equal(other.eval()(*inputs), gm(*inputs))
 
@@ -70,8 +70,8 @@ def test_state_dict_survives_weights_only_torch_load(tmp_path):
 def test_random_layers_adopt_the_saved_seeds():
     model, inputs = all_layers()
     policy = {"version": 1, "seed": 1, "rules": MIXED["rules"][:1]}
-    gm = seedrand.rewrite(model, policy, inputs)
-    other = seedrand.rewrite(model, {**policy, "seed": 2}, inputs)
+    gm = seedrand.rewrite(model, policy, inputs, graph=True)
+    other = seedrand.rewrite(model, {**policy, "seed": 2}, inputs, graph=True)
     assert not torch.equal(other(*inputs), gm(*inputs))
     other.load_state_dict(gm.state_dict())
     assert torch.equal(other(*inputs), gm(*inputs)) and other.emb.seed == gm.emb.seed
@@ -79,14 +79,14 @@ def test_random_layers_adopt_the_saved_seeds():
 
 def test_another_selection_seed_is_caught():
     model, inputs = all_layers()
-    state = seedrand.rewrite(model, MIXED, inputs).state_dict()
+    state = seedrand.rewrite(model, MIXED, inputs, graph=True).state_dict()
     with pytest.raises(RuntimeError, match="proj.weight.frozen: fingerprint mismatch"):
-        seedrand.rewrite(model, {**MIXED, "seed": 123}, inputs).load_state_dict(state)  # other frozen filters
+        seedrand.rewrite(model, {**MIXED, "seed": 123}, inputs, graph=True).load_state_dict(state)  # other frozen filters
 
 
 def test_fingerprint_mismatch_is_an_error(tmp_path):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, MIXED, inputs)
+    gm = seedrand.rewrite(model, MIXED, inputs, graph=True)
     path = tmp_path / "m.safetensors"
     seedrand.save(gm, path)
     tensors = load_file(path)
@@ -95,26 +95,26 @@ def test_fingerprint_mismatch_is_an_error(tmp_path):
     tensors["emb.weight_fingerprint"] = tensors["emb.weight_fingerprint"] + 1e-3
     save_file(tensors, path, metadata=metadata)
     with pytest.raises(CheckpointError, match="tensor 'emb.weight_fingerprint' does not match its checksum"):
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
     save_file(tensors, path, metadata=_signed(tensors, metadata))  # checksums made anew: the fingerprint catches it
     with pytest.raises(CheckpointError, match="emb.weight: fingerprint mismatch"):
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
     state = gm.state_dict()
     state["fc.weight_seed"] += 1  # a seed whose values differ from the fingerprint
     with pytest.raises(RuntimeError, match="fc.weight: fingerprint mismatch"):
-        seedrand.rewrite(model, MIXED, inputs).load_state_dict(state)
+        seedrand.rewrite(model, MIXED, inputs, graph=True).load_state_dict(state)
 
 
 def test_missing_seed_and_foreign_files_are_errors(tmp_path):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, MIXED, inputs)
+    gm = seedrand.rewrite(model, MIXED, inputs, graph=True)
     state = gm.state_dict()
     del state["fc.weight_seed"]
     with pytest.raises(RuntimeError, match="Missing key.*fc.weight_seed"):
-        seedrand.rewrite(model, MIXED, inputs).load_state_dict(state)
+        seedrand.rewrite(model, MIXED, inputs, graph=True).load_state_dict(state)
     save_file({"x": torch.zeros(1)}, tmp_path / "other.safetensors")
     with pytest.raises(SeedrandError, match="not a seedrand checkpoint"):
-        seedrand.load(tmp_path / "other.safetensors", model)
+        seedrand.load(tmp_path / "other.safetensors", model, graph=True)
     with pytest.raises(SeedrandError, match="needs a model returned by seedrand.rewrite"):
         seedrand.save(model, tmp_path / "plain.safetensors")
     assert not (tmp_path / "plain.safetensors").exists()
@@ -136,7 +136,7 @@ def test_garbage_collected_model_round_trip(zoo_models, tmp_path, name, match, h
     head goes, and the head count in the graph's reshapes with it) are removed again by load before the tensors are
     loaded: graph code, shapes, modules' integer attributes and outputs as saved."""
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": match, "filter_gates": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": match, "filter_gates": {}}]}, inputs, graph=True)
     for seed in (0, 1):
         trained_in_place(gm, inputs)
         kill_channels(gm, seed)
@@ -145,7 +145,7 @@ def test_garbage_collected_model_round_trip(zoo_models, tmp_path, name, match, h
                 gm.get_submodule(head).theta[16:32] = -1.0  # head 1 of 16 values each
         assert seedrand.collect_garbage(gm).removed
     seedrand.save(gm.eval(), tmp_path / "g.safetensors")
-    loaded = seedrand.load(tmp_path / "g.safetensors", model)
+    loaded = seedrand.load(tmp_path / "g.safetensors", model, graph=True)
     assert loaded.code == gm.code
     assert {k: v.shape for k, v in loaded.state_dict().items()} == {k: v.shape for k, v in gm.state_dict().items()}
     assert torch.equal(logits(loaded(*inputs)), logits(gm(*inputs)))
@@ -165,7 +165,7 @@ def trained_in_place(gm, inputs):
 
 def test_collections_that_do_not_fit_are_an_error(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, inputs, graph=True)
     path = tmp_path / "g.safetensors"
     seedrand.save(gm, path)
     tensors = load_file(path)
@@ -173,14 +173,14 @@ def test_collections_that_do_not_fit_are_an_error(zoo_models, tmp_path):
         metadata = f.metadata()
     save_file(tensors, path, metadata=_signed(tensors, {**metadata, "collections": "[[100000]]"}))
     with pytest.raises(CheckpointError, match="removes nothing from this model"):
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
 
 
 def test_model_rewritten_without_example_inputs_round_trips(tmp_path):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, MIXED).eval()  # symbolically traced: no inputs saved, none to collect garbage with
+    gm = seedrand.rewrite(model, MIXED, graph=True).eval()  # symbolically traced: no inputs saved, none to collect garbage with
     seedrand.save(gm, tmp_path / "m.safetensors")
-    assert torch.equal(seedrand.load(tmp_path / "m.safetensors", model)(*inputs), gm(*inputs))
+    assert torch.equal(seedrand.load(tmp_path / "m.safetensors", model, graph=True)(*inputs), gm(*inputs))
 
 
 def saved(tmp_path):
@@ -202,7 +202,7 @@ def test_a_flipped_bit_in_a_stored_tensor_is_refused(tmp_path):
         flipped[8 + size + start] ^= 0x04
         path.write_bytes(bytes(flipped))
         with pytest.raises(CheckpointError, match=f"tensor '{name}' does not match its checksum") as info:
-            seedrand.load(path, model)
+            seedrand.load(path, model, graph=True)
         assert info.value.path == str(path)
 
 
@@ -213,7 +213,7 @@ def test_changed_metadata_is_refused(tmp_path):
         metadata = f.metadata()
     save_file(tensors, path, metadata={**metadata, "training": "true"})  # saved in eval mode; not re-signed
     with pytest.raises(CheckpointError, match="metadata does not match its checksum"):
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
 
 
 @pytest.mark.parametrize("key,value,words", [
@@ -237,7 +237,7 @@ def test_malformed_metadata_is_a_checkpoint_error(tmp_path, key, value, words):
         metadata[key] = value
     save_file(tensors, path, metadata=_signed(tensors, metadata))
     with pytest.raises(CheckpointError) as info:
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
     assert str(info.value).startswith(f"{path}: ")
     for word in words:
         assert word in str(info.value)
@@ -253,10 +253,10 @@ def test_files_that_are_not_checkpoints(tmp_path):
     (tmp_path / "folder").mkdir()
     for name in [*cases, "torch.pt", "folder", "absent"]:
         with pytest.raises(CheckpointError) as info:
-            seedrand.load(tmp_path / name, model)
+            seedrand.load(tmp_path / name, model, graph=True)
         assert info.value.path == str(tmp_path / name), name
     with pytest.raises(CheckpointError, match="folder .* does not exist"):
-        seedrand.save(seedrand.rewrite(model, MIXED), tmp_path / "no" / "such" / "m.safetensors")
+        seedrand.save(seedrand.rewrite(model, MIXED, graph=True), tmp_path / "no" / "such" / "m.safetensors")
 
 
 def test_a_checkpoint_never_imports_a_module(tmp_path, monkeypatch):
@@ -272,7 +272,7 @@ def test_a_checkpoint_never_imports_a_module(tmp_path, monkeypatch):
     policy = "version: 1\nrules:\n  - match: {types: [evil_module.Layer]}\n    freeze: {}\n"
     save_file(tensors, path, metadata=_signed(tensors, {**metadata, "policy": policy}))
     with pytest.raises(seedrand.PolicyError, match="never imports a module"):
-        seedrand.load(path, model)
+        seedrand.load(path, model, graph=True)
     assert not marker.exists()
     import sys
     assert "evil_module" not in sys.modules
@@ -280,6 +280,6 @@ def test_a_checkpoint_never_imports_a_module(tmp_path, monkeypatch):
 
 def test_saved_file_has_the_mode_a_plain_write_gives(tmp_path):
     model, inputs = all_layers()
-    seedrand.save(seedrand.rewrite(model, MIXED, inputs), tmp_path / "m.safetensors")
+    seedrand.save(seedrand.rewrite(model, MIXED, inputs, graph=True), tmp_path / "m.safetensors")
     (tmp_path / "plain").write_bytes(b"")
     assert (tmp_path / "m.safetensors").stat().st_mode == (tmp_path / "plain").stat().st_mode

@@ -67,7 +67,7 @@ def test_backend_compiles_a_rewritten_model(zoo_models):
     import seedrand
 
     model, inputs = zoo_models["cnn"]
-    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs)
+    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs, graph=True)
     compiled = torch.compile(gm, backend="seedrand")
     with torch.no_grad():
         torch.testing.assert_close(compiled(*inputs), gm(*inputs))
@@ -119,7 +119,7 @@ def test_backend_random_policy_computes_what_rewrite_computes(inductor, bias):
 
     model, x = _conv_mlp(), torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(1))
     policy = {"version": 1, "seed": 4, "rules": [{"match": {"modules": ["0", "3"]}, "random": {"bias": bias}}]}
-    rewritten = seedrand.rewrite(model, policy, (x,))
+    rewritten = seedrand.rewrite(model, policy, (x,), graph=True)
     torch._dynamo.reset()
     out = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})(x)
     expected = rewritten(x)
@@ -147,7 +147,7 @@ def test_backend_freeze_fraction_computes_what_rewrite_computes(inductor, fixed,
     policy = {"version": 1, "seed": 5, "rules": [{"match": {"modules": names},
                                     "freeze_fraction": {"fraction": 0.5, "select": "random", "fixed": fixed,
                                                         "dim": dim}}]}
-    rewritten = seedrand.rewrite(model, policy, inputs)
+    rewritten = seedrand.rewrite(model, policy, inputs, graph=True)
     torch._dynamo.reset()
     out = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})(*inputs)
     expected = rewritten(*inputs)
@@ -192,7 +192,7 @@ def test_backend_policy_on_causal_lms_equals_rewrite(zoo_models, name, inductor)
 
     model, inputs = zoo_models[name]
     model, policy = copy.deepcopy(model).eval(), CAUSAL_LM_POLICIES[name]
-    rewritten = seedrand.rewrite(model, policy, inputs).eval()
+    rewritten = seedrand.rewrite(model, policy, inputs, graph=True).eval()
     expected = logits(rewritten(*inputs))
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="seedrand", options={"policy": policy, "inductor": inductor})
@@ -243,7 +243,7 @@ def test_backend_compiles_every_weight_action_and_trains():
         {"match": {"modules": ["emb", "conv1"]}, "random": {"bias": "trainable"}},
         {"match": {"modules": ["fc", "proj", "conv3"]}, "freeze_fraction": {"fraction": 0.5, "select": "random"}},
         {"match": {"modules": ["conv2"]}, "insert_random": {"residual": True, "scale": "scalar"}}]}
-    gm = seedrand.rewrite(model, policy, inputs).train()
+    gm = seedrand.rewrite(model, policy, inputs, graph=True).train()
     torch._dynamo.reset()
     compiled = torch.compile(gm, backend="seedrand")
     torch.testing.assert_close(compiled(*inputs), gm(*inputs), rtol=1e-5, atol=1e-6)
@@ -264,7 +264,7 @@ def test_backend_outputs_and_gradients_equal_eager(zoo_models, name, policy, ind
     import seedrand
 
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, policy, inputs).eval()  # Inductor draws dropout masks from its own generator
+    gm = seedrand.rewrite(model, policy, inputs, graph=True).eval()  # Inductor draws dropout masks from its own generator
     torch._dynamo.reset()
     compiled = torch.compile(gm, backend="seedrand", options={"inductor": inductor})
     results = []
@@ -286,7 +286,7 @@ def test_export_keeps_regenerate_ops_as_single_nodes():
 
     model, inputs = all_layers()
     gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["fc", "conv1"]}, "random": {}},
-                                            {"match": {"modules": ["proj"]}, "subspace": {"dim": 4}}]}, inputs)
+                                            {"match": {"modules": ["proj"]}, "subspace": {"dim": 4}}]}, inputs, graph=True)
     graph = torch.export.export(gm.eval(), inputs).graph
     targets = [str(n.target) for n in graph.nodes if n.op == "call_function"]
     assert targets.count("seedrand.regen_matmul.default") == 1
@@ -304,7 +304,7 @@ def test_model_compile_in_place_makes_generate_run_the_policy(zoo_models):
     model = copy.deepcopy(model).eval()
     policy = {"version": 1, "seed": 2, "rules": [
         {"match": {"modules": [r"re:transformer\.h\.\d+\.mlp\..*"], "types": ["Conv1D"]}, "random": {}}]}
-    rewritten = seedrand.rewrite(model, policy, inputs).eval()
+    rewritten = seedrand.rewrite(model, policy, inputs, graph=True).eval()
     ids = inputs[0]
     with torch.no_grad():
         seq = ids

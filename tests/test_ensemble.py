@@ -45,7 +45,7 @@ def test_members_differ_member_zero_is_the_rewrite_and_all_are_pure_functions_of
     assert torch.equal(torch.random.get_rng_state(), state)  # the global RNG is never touched
     mean, each = ens(*inputs, return_members=True)
     assert each.shape == (4, *mean.shape) and torch.allclose(mean, each.mean(0))
-    single = seedrand.rewrite(model, share_conv(0.9), inputs)
+    single = seedrand.rewrite(model, share_conv(0.9), inputs, graph=True)
     torch.testing.assert_close(each[0], single(*inputs), rtol=0, atol=0)
     assert all(not torch.allclose(each[i], each[j]) for i in range(4) for j in range(i))
     again = seedrand.ensemble(model, share_conv(0.9), members=4, example_inputs=inputs)
@@ -77,7 +77,7 @@ def test_training_moves_each_member_and_never_the_shared_weights(cnn):
 def test_summary_counts_shared_weights_once(cnn):
     model, inputs = cnn
     for fixed in ("keep", "random"):
-        single = seedrand.summary(seedrand.rewrite(model, share_conv(0.6, fixed), inputs)).total
+        single = seedrand.summary(seedrand.rewrite(model, share_conv(0.6, fixed), inputs, graph=True)).total
         total = seedrand.summary(seedrand.ensemble(model, share_conv(0.6, fixed), 5, inputs)).total
         assert total.trainable == 5 * single.trainable
         assert (total.frozen, total.regenerated) == (single.frozen, single.regenerated)

@@ -30,7 +30,7 @@ def run_onnx(path, *inputs):
 @pytest.mark.parametrize("weights", ["seed", "materialize"])
 def test_every_action_matches_onnxruntime(tmp_path, weights):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, EVERY_ACTION, inputs)
+    gm = seedrand.rewrite(model, EVERY_ACTION, inputs, graph=True)
     with torch.no_grad():
         gm.get_submodule("proj.subspace").theta_d.normal_()
         gm.get_submodule("conv2_random").scales[0].fill_(0.5)
@@ -43,7 +43,7 @@ def test_every_action_matches_onnxruntime(tmp_path, weights):
 @pytest.mark.parametrize("weights", ["seed", "materialize"])
 def test_transformers_model(zoo_models, tmp_path, weights):
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "random": {}}]}, inputs, graph=True)
     report = export_onnx(gm, inputs, tmp_path / "g.onnx", weights=weights)
     np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,
                                atol=1e-5)
@@ -52,7 +52,7 @@ def test_transformers_model(zoo_models, tmp_path, weights):
 def test_seed_file_is_a_fraction_of_the_materialized_one_and_weights_are_bit_identical(tmp_path):
     mlp = torch.nn.Sequential(torch.nn.Linear(256, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 1024))
     x = torch.eye(256)[:2]
-    gm = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "zero"}}]}, x)
+    gm = seedrand.rewrite(mlp, {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "random": {"bias": "zero"}}]}, x, graph=True)
     seed = export_onnx(gm, x, tmp_path / "seed.onnx", weights="seed")
     full = export_onnx(gm, x, tmp_path / "full.onnx", weights="materialize")
     stored_weights = (256 + 1024) * 1024 * 4
@@ -67,7 +67,7 @@ def test_seed_file_is_a_fraction_of_the_materialized_one_and_weights_are_bit_ide
 def test_unexportable_projection_and_bad_mode_are_clear_errors(tmp_path):
     model, inputs = all_layers()
     gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["fc"]}, "subspace": {
-        "dim": 2, "projection": "orthogonal"}}]}, inputs)
+        "dim": 2, "projection": "orthogonal"}}]}, inputs, graph=True)
     with pytest.raises(SeedrandError, match="module 'fc.subspace': the orthogonal subspace projection needs a QR"):
         export_onnx(gm, inputs, tmp_path / "o.onnx")
 
@@ -99,7 +99,7 @@ def test_cli_export(tmp_path, capsys):
 def test_more_transformers_models_in_seed_mode(zoo_models, tmp_path, name, types, exclude):
     model, inputs = zoo_models[name]
     policy = {"version": 1, "seed": 2, "rules": [{"match": {"types": types, "exclude": exclude}, "random": {}}]}
-    gm = seedrand.rewrite(model, policy, inputs)
+    gm = seedrand.rewrite(model, policy, inputs, graph=True)
     report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx", weights="seed")
     np.testing.assert_allclose(run_onnx(report.path, *inputs), logits(gm(*inputs)).detach().numpy(), rtol=1e-5,
                                atol=1e-5)
@@ -115,7 +115,7 @@ def test_llama_with_random_and_frozen_fraction_layers(zoo_models, tmp_path, weig
         {"match": {"modules": [r"re:model\.layers\.\d+\.mlp\..*"], "types": ["Linear"]}, "random": {}},
         {"match": {"modules": [r"re:model\.layers\.\d+\.self_attn\.o_proj"]},
          "freeze_fraction": {"fraction": 0.5, "select": "random"}}]}
-    gm = seedrand.rewrite(model, policy, inputs).eval()
+    gm = seedrand.rewrite(model, policy, inputs, graph=True).eval()
     report = export_onnx(gm, inputs, tmp_path / "llama.onnx", weights=weights)
     session = ort.InferenceSession(str(report.path))
     out = session.run(None, {i.name: a.numpy() for i, a in zip(session.get_inputs(), inputs)})[0]
@@ -129,7 +129,7 @@ def test_batch_and_sequence_are_dynamic_axes(zoo_models, tmp_path):
     for name in ("mlp", "llama"):
         model, inputs = zoo_models[name]
         gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [
-            {"match": {"types": ["Linear"]}, "optional": True, "random": {}}]}, inputs).eval()
+            {"match": {"types": ["Linear"]}, "optional": True, "random": {}}]}, inputs, graph=True).eval()
         report = export_onnx(gm, inputs, tmp_path / f"{name}.onnx")
         assert report.dynamic
         session = ort.InferenceSession(str(report.path))

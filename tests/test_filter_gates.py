@@ -19,7 +19,7 @@ def policy(match, **params):
                                         ("bert", ["Linear"])])
 def test_ones_init_is_exact_and_gates_train(zoo_models, name, types):
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, policy({"types": types}, **{"lambda": 1e-3}), inputs)
+    gm = seedrand.rewrite(model, policy({"types": types}, **{"lambda": 1e-3}), inputs, graph=True)
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
     gates = seedrand.gate_parameters(gm)
     assert gates and all(torch.equal(g, torch.ones_like(g)) for g in gates)
@@ -30,8 +30,8 @@ def test_ones_init_is_exact_and_gates_train(zoo_models, name, types):
 
 def test_auto_placement_follows_batch_norm_and_output_does_not(zoo_models):
     model, inputs = zoo_models["cnn"]
-    auto = seedrand.rewrite(model, policy({"types": ["Conv2d"]}), inputs)
-    output = seedrand.rewrite(model, policy({"types": ["Conv2d"]}, placement="output"), inputs)
+    auto = seedrand.rewrite(model, policy({"types": ["Conv2d"]}), inputs, graph=True)
+    output = seedrand.rewrite(model, policy({"types": ["Conv2d"]}, placement="output"), inputs, graph=True)
     inputs_of = lambda gm: {n.target: n.args[0].target for n in gm.graph.nodes  # noqa: E731
                             if n.op == "call_module" and n.target.endswith("_gate")}
     assert inputs_of(auto) == {"conv1_gate": "bn1", "conv2_gate": "bn2"}
@@ -40,7 +40,7 @@ def test_auto_placement_follows_batch_norm_and_output_does_not(zoo_models):
 
 def test_dead_channels_are_exactly_zero_and_penalty_is_l1():
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy({"modules": ["fc", "conv2"]}, **{"lambda": 0.5, "init": "uniform"}), inputs)
+    gm = seedrand.rewrite(model, policy({"modules": ["fc", "conv2"]}, **{"lambda": 0.5, "init": "uniform"}), inputs, graph=True)
     fc_gate = gm.get_submodule("fc_gate")
     assert torch.equal(fc_gate.theta, philox.rand(derive_seed(3, "fc", "gate"), torch.arange(12)))
     assert seedrand.penalty(gm).item() == pytest.approx(0.5 * sum(g.abs().sum().item()
@@ -56,7 +56,7 @@ def test_dead_channels_are_exactly_zero_and_penalty_is_l1():
 def test_gates_on_every_layer_type_and_dtype():
     for dtype in (torch.float32, torch.bfloat16):
         model, inputs = all_layers(dtype)
-        gm = seedrand.rewrite(model, policy({"modules": list(LAYER_NAMES)}), inputs)
+        gm = seedrand.rewrite(model, policy({"modules": list(LAYER_NAMES)}), inputs, graph=True)
         assert torch.equal(gm(*inputs), model(*inputs))
         gates = {n: m for n, m in gm.named_modules() if isinstance(m, FilterGate)}
         assert len(gates) == 6 and gates["conv2_gate"].channel_dim == 1 and gates["fc_gate"].channel_dim == -1
@@ -66,7 +66,7 @@ def test_gates_on_every_layer_type_and_dtype():
 def test_gate_on_a_batch_norm_is_refused(zoo_models):
     model, inputs = zoo_models["cnn"]
     with pytest.raises(PolicyError, match=r"rule 'gates' .*'bn1' \(BatchNorm2d\): filter_gates supports"):
-        seedrand.rewrite(model, policy({"types": ["BatchNorm2d"]}), inputs)
+        seedrand.rewrite(model, policy({"types": ["BatchNorm2d"]}), inputs, graph=True)
 
 
 def test_gated_model_exports_to_onnx(tmp_path):
@@ -74,7 +74,7 @@ def test_gated_model_exports_to_onnx(tmp_path):
     import onnxruntime as ort
 
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy({"modules": ["fc", "conv2"]}, init="uniform"), inputs)
+    gm = seedrand.rewrite(model, policy({"modules": ["fc", "conv2"]}, init="uniform"), inputs, graph=True)
     report = seedrand.export_onnx(gm, inputs, tmp_path / "g.onnx")
     session = ort.InferenceSession(str(report.path))
     out = session.run(None, {session.get_inputs()[0].name: inputs[0].numpy()})[0]
@@ -86,7 +86,7 @@ def test_a_gate_that_reached_zero_stays_dead_until_collected():
     above zero; the unit stays exactly zero in both modes and collect_garbage removes it."""
     model = torch.nn.Sequential(torch.nn.Linear(3, 6), torch.nn.ReLU(), torch.nn.Linear(6, 2))
     x = torch.randn(4, 3)
-    gm = seedrand.rewrite(model, policy({"modules": ["0"]}, **{"lambda": 1.0}), (x,))
+    gm = seedrand.rewrite(model, policy({"modules": ["0"]}, **{"lambda": 1.0}), (x,), graph=True)
     gate = gm.get_submodule("0_gate")
     with torch.no_grad():
         gate.theta[[1, 4]] = -1e-3

@@ -29,7 +29,7 @@ def stored_dim(name, dim):
 
 def random_action_tensors(model, inputs, name, dtype):
     """The weight (stored layout) and bias the `random` action regenerates for layer `name`."""
-    layer = seedrand.rewrite(model, policy([name], action="random"), inputs).get_submodule(name)
+    layer = seedrand.rewrite(model, policy([name], action="random"), inputs, graph=True).get_submodule(name)
     weight = layer.weight(dtype)
     bias = layer.regenerate("bias", dtype) if "bias" in layer.streams else None
     return (weight.T if name == "proj" else weight), bias
@@ -44,7 +44,7 @@ CASES = [("random", "random"), ("zero", "first"), ("keep", "last")]
 def test_assembled_weights_and_biases(dtype, dim, fixed, select):
     model, inputs = all_layers(dtype)
     names = [n for n in LAYER_NAMES if not (dim == "in" and n == "emb")]
-    gm = seedrand.rewrite(model, policy(names, 0.5, dim, select, fixed), inputs)
+    gm = seedrand.rewrite(model, policy(names, 0.5, dim, select, fixed), inputs, graph=True)
     for name in names:
         original = model.get_submodule(name)
         d = stored_dim(name, dim)
@@ -80,7 +80,7 @@ def test_linear_multiplies_without_assembling(dim, fixed, select):
     """An nn.Linear becomes a FrozenFractionLinear: seedrand::frozen_matmul (one Triton launch on CUDA) gives the
     output and trainable-slice gradient of a linear by the assembled weight, and export keeps it as one node."""
     model, inputs = all_layers()
-    layer = seedrand.rewrite(model, policy(["fc"], 0.5, dim, select, fixed), inputs).fc
+    layer = seedrand.rewrite(model, policy(["fc"], 0.5, dim, select, fixed), inputs, graph=True).fc
     assert isinstance(layer, FrozenFractionLinear)
     x = torch.randn(2, 3, model.fc.in_features, generator=torch.Generator().manual_seed(3))
     bias = layer.bias() if dim == "out" else layer.bias
@@ -96,7 +96,7 @@ def test_linear_multiplies_without_assembling(dim, fixed, select):
 
 def test_only_trainable_slices_learn(zoo_models):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(LAYER_NAMES, 0.75, select="random"), inputs).train()
+    gm = seedrand.rewrite(model, policy(LAYER_NAMES, 0.75, select="random"), inputs, graph=True).train()
     before = {n: gm.get_submodule(f"{n}.weight")().detach().clone() for n in LAYER_NAMES}
     params = [p for p in gm.parameters() if p.requires_grad]
     expected = sum(m.trainable.numel() for m in gm.modules() if isinstance(m, FrozenFraction))
@@ -123,14 +123,14 @@ def test_only_trainable_slices_learn(zoo_models):
 def test_fraction_zero_equals_original(zoo_models, zoo, match):
     model, inputs = all_layers() if zoo is None else zoo_models[zoo]
     gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": match, "freeze_fraction": {"fraction": 0.0}}]},
-                          inputs)
+                          inputs, graph=True)
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
 
 
 def test_exported_graph_keep_is_exact_and_trains(zoo_models):
     model, inputs = zoo_models["gpt2"]
     gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "freeze_fraction": {
-        "fraction": 0.9, "select": "random", "fixed": "keep", "dim": "in"}}]}, inputs)
+        "fraction": 0.9, "select": "random", "fixed": "keep", "dim": "in"}}]}, inputs, graph=True)
     assert gm.meta["seedrand"].trace.strategy == "torch.export"
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
     gm.train()
@@ -141,12 +141,12 @@ def test_exported_graph_keep_is_exact_and_trains(zoo_models):
 
 def test_state_dict_keys():
     model, inputs = all_layers()
-    state = seedrand.rewrite(model, policy(["fc"], fixed="random"), inputs).state_dict()
+    state = seedrand.rewrite(model, policy(["fc"], fixed="random"), inputs, graph=True).state_dict()
     assert set(k for k in state if k.startswith("fc.")) == {
         "fc.weight.trainable", "fc.weight.frozen_seed", "fc.weight.frozen_fingerprint",
         "fc.bias.trainable", "fc.bias.frozen_seed", "fc.bias.frozen_fingerprint"}
     assert state["fc.weight.trainable"].shape == (6, 8)
-    kept = seedrand.rewrite(model, policy(["fc"], fixed="keep"), inputs).state_dict()
+    kept = seedrand.rewrite(model, policy(["fc"], fixed="keep"), inputs, graph=True).state_dict()
     assert kept["fc.weight.frozen"].shape == (6, 8) and "fc.weight.frozen_seed" not in kept
 
 
@@ -163,7 +163,7 @@ def test_dim_in_on_embedding_names_rule_and_module(tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nrules:\n  - name: ff\n    match: {modules: [emb]}\n    freeze_fraction: {fraction: 0.5, dim: in}\n")
     with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ff' .*'emb' \(Embedding\): dim: in on an nn.Embedding"):
-        seedrand.rewrite(model, path, inputs)
+        seedrand.rewrite(model, path, inputs, graph=True)
 
 
 def test_unsupported_layer_is_refused_and_model_untouched(zoo_models):
@@ -171,13 +171,13 @@ def test_unsupported_layer_is_refused_and_model_untouched(zoo_models):
     state = copy.deepcopy(model.state_dict())
     with pytest.raises(PolicyError, match=r"'bn1' \(BatchNorm2d\): freeze_fraction supports nn.Linear"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["BatchNorm2d"]}, "freeze_fraction": {
-            "fraction": 0.5}}]}, inputs)
+            "fraction": 0.5}}]}, inputs, graph=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())
 
 
 def test_init_sets_the_frozen_distribution():
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(["fc"], 0.9, init="uniform(0.001)"), inputs)
+    gm = seedrand.rewrite(model, policy(["fc"], 0.9, init="uniform(0.001)"), inputs, graph=True)
     frozen = gm.get_submodule("fc.weight")()[:10]
     assert frozen.abs().max() <= 0.001 and frozen.abs().max() > 0.0005
     assert math.isclose(gm.get_submodule("fc.weight").streams["frozen"].scale, 0.001)
@@ -186,7 +186,7 @@ def test_init_sets_the_frozen_distribution():
 @pytest.mark.parametrize("fixed,kind", [("random", "regenerated"), ("keep", "frozen"), ("zero", None)])
 def test_summary_rows_count_the_slices(fixed, kind):
     model, inputs = all_layers()
-    row = seedrand.summary(seedrand.rewrite(model, policy(["fc"], 0.5, fixed=fixed), inputs)).rows[0]
+    row = seedrand.summary(seedrand.rewrite(model, policy(["fc"], 0.5, fixed=fixed), inputs, graph=True)).rows[0]
     assert row.module == "fc" and row.counts.trainable == 6 * 8 + 6
     assert row.counts.regenerated == (6 * 8 + 6 if kind == "regenerated" else 0)
     assert row.counts.frozen == (6 * 8 + 6 if kind == "frozen" else 0)

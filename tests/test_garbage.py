@@ -31,7 +31,7 @@ def outputs(gm, inputs, train):
 def test_outputs_unchanged_and_state_sliced(zoo_models, name, types):
     model, inputs = zoo_models[name]
     match = {"types": types} if name == "cnn" else {"modules": ["0", "2"]}
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": match, "filter_gates": {"init": "uniform"}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": match, "filter_gates": {"init": "uniform"}}]}, inputs, graph=True)
     gm.double()
     inputs = tuple(x.double() for x in inputs)
     for m in gm.modules():
@@ -65,7 +65,7 @@ def test_training_continues_while_an_old_graph_is_alive(zoo_models, compiled):
     gradients equal those of a copy with fresh autograd state."""
     model, inputs = zoo_models["cnn"]
     gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {"init": "uniform"}}]},
-                          inputs).train()
+                          inputs, graph=True).train()
     for m in gm.modules():
         if isinstance(m, nn.Dropout):
             m.p = 0.0
@@ -93,7 +93,7 @@ def test_shrinks_while_training_on_digits():
     task, data = zoo.digits_task(hidden=256), zoo.digits_data()
     plain = task.model_factory()
     gated = seedrand.rewrite(task.model_factory(), {"version": 1, "rules": [{"match": {"modules": ["0", "2"]}, "filter_gates": {
-        "lambda": 2e-3}}]}, (data.x_train[:2],))
+        "lambda": 2e-3}}]}, (data.x_train[:2],), graph=True)
     accuracy = {}
     for name, model in (("plain", plain), ("gated", gated)):
         opt = torch.optim.Adam([{"params": [p for n, p in model.named_parameters() if "gate" not in n]},
@@ -147,7 +147,7 @@ def test_optimizers_it_cannot_follow_are_refused_before_any_change(zoo_models, m
     optimizer's state are as they were."""
     model, inputs = zoo_models["mlp"]
     gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["0"]}, "filter_gates": {}}]},
-                          inputs)
+                          inputs, graph=True)
     params = [p for p in gm.parameters() if p.requires_grad]
     opt = make(params)
     if isinstance(opt, torch.optim.Optimizer) and opt.param_groups[0]["params"][0] is params[0]:

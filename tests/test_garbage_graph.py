@@ -195,7 +195,7 @@ def test_outputs_unchanged_after_collection(family):
 
 def test_grouped_conv_loses_whole_groups():
     model = Grouped().eval()
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, image(2, 3, 8, 8))
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "filter_gates": {}}]}, image(2, 3, 8, 8), graph=True)
     with torch.no_grad():
         gm.get_submodule("grouped.0_gate").theta[4:8] = -1.0  # the whole second group of four
         gm.get_submodule("depthwise.0_gate").theta[8:16] = -1.0  # and the depthwise channels they feed
@@ -218,7 +218,7 @@ def test_residual_with_the_model_input_is_a_barrier(capsys):
             return self.b(torch.relu(self.a(x)) + x)
 
     x = torch.randn(2, 6)
-    gm = seedrand.rewrite(Residual(), {"version": 1, "rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, (x,))
+    gm = seedrand.rewrite(Residual(), {"version": 1, "rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, (x,), graph=True)
     kill_gates(gm, 0.5)
     before = gm(x)
     report = collect_garbage(gm, explain=True)
@@ -237,7 +237,7 @@ def test_unknown_op_is_a_barrier_and_nothing_changes():
             return self.b(torch.cumsum(self.a(x), -1))  # mixes channels: must not be treated as element-wise
 
     x = torch.randn(3, 4)
-    gm = seedrand.rewrite(Odd(), {"version": 1, "rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, (x,))
+    gm = seedrand.rewrite(Odd(), {"version": 1, "rules": [{"match": {"modules": ["a"]}, "filter_gates": {}}]}, (x,), graph=True)
     kill_gates(gm, 0.5)
     report = collect_garbage(gm)
     assert not report.removed and "cumsum" in report.blocked["a_gate"]
@@ -250,7 +250,7 @@ def test_zero_rows_and_unread_columns_are_dead_without_gates():
         model[0].bias[1] = 0.0  # unit 1 of layer 0 is exactly zero
         model[4].weight[:, 3] = 0.0  # unit 3 of layer 2 is read by nobody
     x = torch.randn(3, 4, dtype=torch.float64)
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["4"]}, "freeze": {}}]}, (x,))
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["4"]}, "freeze": {}}]}, (x,), graph=True)
     before = gm(x)  # its autograd graph is still alive while the parameters shrink
     report = collect_garbage(gm)
     assert report.removed == {"0": 1, "2": 1} and gm.get_submodule("2").weight.shape == (4, 5)

@@ -36,7 +36,7 @@ X = torch.linspace(-6, 6, 32).unsqueeze(1)
 
 def grown(hidden=10, **kwargs):
     model = sine_net(hidden)
-    return model, seedrand.rewrite(model, grow_policy(**kwargs), (X[:2],))
+    return model, seedrand.rewrite(model, grow_policy(**kwargs), (X[:2],), graph=True)
 
 
 def test_stage_bounds_split_like_tensor_split():
@@ -138,7 +138,7 @@ def test_new_units_get_the_full_layers_init_from_the_seed():
     for layer in gm.get_submodule("0.weight"), gm.get_submodule("0.bias"), gm.get_submodule("2.weight"):
         layer.grow()
     regenerated = seedrand.rewrite(model, {"version": 1, "seed": SEED, "rules": [
-        {"match": {"modules": ["0", "2"]}, "random": {"bias": "random"}}]}, (X[:2],))
+        {"match": {"modules": ["0", "2"]}, "random": {"bias": "random"}}]}, (X[:2],), graph=True)
     torch.testing.assert_close(gm.get_submodule("0.weight")()[2:4], regenerated.get_submodule("0").weight()[2:4],
                                rtol=0, atol=0)
     torch.testing.assert_close(gm.get_submodule("0.bias")()[2:4],
@@ -181,7 +181,7 @@ def test_convolutions_grow_and_train_only_active_slices():
         {"match": {"modules": ["0"]}, "grow": {"stages": 4, "start": 1}},
         {"match": {"modules": ["2"]}, "grow": {"stages": 4, "start": 1, "dim": "in"}}]}
     x = torch.randn(2, 1, 6, 6, generator=torch.Generator().manual_seed(0))
-    gm = seedrand.rewrite(model, policy, (x,))
+    gm = seedrand.rewrite(model, policy, (x,), graph=True)
     gm(x).square().sum().backward()
     slices = gm.get_submodule("0.weight").slices
     assert slices[0].grad is not None and all(p.grad is None for p in slices[1:])
@@ -215,9 +215,9 @@ def test_layers_that_cannot_grow_are_refused_and_the_model_is_untouched():
     model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
     before = copy.deepcopy(model.state_dict())
     with pytest.raises(PolicyError, match="not to the rows of an nn.Embedding"):
-        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["0"]}, "grow": {}}]})
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["0"]}, "grow": {}}]}, graph=True)
     with pytest.raises(PolicyError, match="3 output units, fewer than stages: 5"):
-        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["1"]}, "grow": {"stages": 5}}]})
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": ["1"]}, "grow": {"stages": 5}}]}, graph=True)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 

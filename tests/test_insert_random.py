@@ -44,7 +44,7 @@ def manual_stack(stack, h, activation, residual):
                                     {"residual": True}])
 def test_inserted_after_every_layer_type(dtype, params):
     model, inputs = all_layers(dtype)
-    gm = seedrand.rewrite(model, policy(LAYER_NAMES, **params), inputs)
+    gm = seedrand.rewrite(model, policy(LAYER_NAMES, **params), inputs, graph=True)
     torch.testing.assert_close(gm(*inputs), with_stacks(model, gm, LAYER_NAMES)(*inputs), rtol=0, atol=0)
     assert sum(p.numel() for p in gm.parameters()) - sum(p.numel() for p in model.parameters()) == (
         sum(8 if n == "emb" else getattr(model, n).weight.shape[1 if n == "proj" else 0] for n in LAYER_NAMES) * 2
@@ -67,7 +67,7 @@ def test_inserted_after_every_layer_type(dtype, params):
 def test_trainable_scales_start_at_zero_and_learn(zoo_models, scale):
     model, inputs = zoo_models["gpt2"]  # exported graph: inserted after aten.addmm (Conv1D) nodes
     gm = seedrand.rewrite(model, {"version": 1, "seed": 1, "rules": [{"match": {"types": ["Conv1D"]}, "insert_random": {
-        "residual": True, "scale": scale}}]}, inputs)
+        "residual": True, "scale": scale}}]}, inputs, graph=True)
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
     scales = [p for n, p in gm.named_parameters() if "_random.scales" in n]
     assert len(scales) == 4 * 2
@@ -80,7 +80,7 @@ def test_trainable_scales_start_at_zero_and_learn(zoo_models, scale):
 
 def test_fixed_scale_changes_outputs_and_seed_matters():
     model, inputs = all_layers()
-    a, b = (seedrand.rewrite(model, {**policy(["fc"], residual=True), "seed": s}, inputs)(*inputs) for s in (1, 2))
+    a, b = (seedrand.rewrite(model, {**policy(["fc"], residual=True), "seed": s}, inputs, graph=True)(*inputs) for s in (1, 2))
     assert not torch.equal(a, model(*inputs)) and not torch.equal(a, b)
 
 
@@ -91,7 +91,7 @@ def test_fixed_scale_changes_outputs_and_seed_matters():
 def test_width_errors_name_rule_and_module(params, message):
     model, inputs = all_layers()
     with pytest.raises(PolicyError, match=rf"rule 'ins' .*'fc' \(Linear\): {message}"):
-        seedrand.rewrite(model, policy(["fc"], **params), inputs)
+        seedrand.rewrite(model, policy(["fc"], **params), inputs, graph=True)
 
 
 def test_after_a_layer_of_unknown_output_shape_is_refused(zoo_models, tmp_path):
@@ -99,4 +99,4 @@ def test_after_a_layer_of_unknown_output_shape_is_refused(zoo_models, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nrules:\n  - name: ins\n    match: {types: [BatchNorm2d]}\n    insert_random: {}\n")
     with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ins' .*'bn1' \(BatchNorm2d\): insert_random supports"):
-        seedrand.rewrite(model, path, inputs)
+        seedrand.rewrite(model, path, inputs, graph=True)

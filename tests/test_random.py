@@ -46,7 +46,7 @@ def materialized_reference(model, gm, conv1d=False):
 ])
 def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, types, exclude, conv1d):
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, policy(types, exclude=exclude), inputs)
+    gm = seedrand.rewrite(model, policy(types, exclude=exclude), inputs, graph=True)
     layers = randomized(gm)
     assert layers and all(f"{n}.weight" not in dict(gm.named_parameters()) for n in layers)
     state = gm.state_dict()
@@ -65,7 +65,7 @@ def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, typ
 
 def test_weights_are_scaled_philox_bit_for_bit_with_linear_default_bounds(zoo_models):
     model, inputs = zoo_models["mlp"]
-    gm = seedrand.rewrite(model, policy(["Linear"]), inputs)
+    gm = seedrand.rewrite(model, policy(["Linear"]), inputs, graph=True)
     for name, m in randomized(gm).items():
         assert m.seed == philox.derive_seed(7, name, "weight")
         bound = 1 / math.sqrt(m.in_features)  # nn.Linear's default kaiming_uniform(a=sqrt(5)) bound
@@ -75,7 +75,7 @@ def test_weights_are_scaled_philox_bit_for_bit_with_linear_default_bounds(zoo_mo
 
 def test_frozen_weights_do_not_change_while_biases_train(zoo_models):
     model, inputs = zoo_models["mlp"]
-    gm = seedrand.rewrite(model, policy(["Linear"]), inputs).train()
+    gm = seedrand.rewrite(model, policy(["Linear"]), inputs, graph=True).train()
     before = {n: m.weight().clone() for n, m in randomized(gm).items()}
     biases = {n: m.bias.detach().clone() for n, m in randomized(gm).items()}
     opt = torch.optim.Adam(gm.parameters(), lr=0.1)
@@ -91,7 +91,7 @@ def test_frozen_weights_do_not_change_while_biases_train(zoo_models):
                                                         ("trainable", 1, 0)])
 def test_bias_modes(zoo_models, bias, trainable, regenerated):
     model, inputs = zoo_models["mlp"]
-    gm = seedrand.rewrite(model, policy(["Linear"], bias=bias), inputs)
+    gm = seedrand.rewrite(model, policy(["Linear"], bias=bias), inputs, graph=True)
     fc = randomized(gm)["0"]
     assert sum(p.numel() for p in gm.parameters() if p.requires_grad) == trainable * (128 + 128 + 10)
     assert ("bias" in fc.streams) == bool(regenerated)
@@ -106,14 +106,14 @@ def test_bias_modes(zoo_models, bias, trainable, regenerated):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_low_precision_models(zoo_models, dtype):
     model, (x,) = zoo_models["mlp"]
-    gm = seedrand.rewrite(copy.deepcopy(model).to(dtype), policy(["Linear"]), (x.to(dtype),))
+    gm = seedrand.rewrite(copy.deepcopy(model).to(dtype), policy(["Linear"]), (x.to(dtype),), graph=True)
     out = gm(x.to(dtype))
     assert out.dtype == dtype and torch.isfinite(out).all()
 
 
 def test_seed_determines_weights(zoo_models):
     model, inputs = zoo_models["mlp"]
-    a, b, c = (seedrand.rewrite(model, policy(["Linear"], seed=s), inputs)(*inputs) for s in (1, 1, 2))
+    a, b, c = (seedrand.rewrite(model, policy(["Linear"], seed=s), inputs, graph=True)(*inputs) for s in (1, 1, 2))
     assert torch.equal(a, b) and not torch.equal(a, c)
 
 
@@ -123,13 +123,13 @@ def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
     path.write_text("version: 1\nrules:\n  - name: rnd\n    match: {types: [BatchNorm2d]}\n    random: {}\n")
     with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'rnd' \(rules\[0\]\): 'bn1' \(BatchNorm2d\): random "
                                           r"supports nn.Linear"):
-        seedrand.rewrite(model, path, inputs)
+        seedrand.rewrite(model, path, inputs, graph=True)
 
 
 def test_tied_weight_is_refused(zoo_models):
     model, inputs = zoo_models["gpt2"]
     with pytest.raises(PolicyError, match="'lm_head' .*weight is tied to transformer.wte.weight"):
-        seedrand.rewrite(model, policy(["Linear"]), inputs)
+        seedrand.rewrite(model, policy(["Linear"]), inputs, graph=True)
 
 
 @pytest.mark.parametrize("conv,shape", [(torch.nn.Conv1d(3, 5, 3, stride=2, padding=1), (2, 3, 11)),
@@ -137,7 +137,7 @@ def test_tied_weight_is_refused(zoo_models):
 def test_conv1d_and_conv3d_with_gradients(conv, shape):
     model = torch.nn.Sequential(conv, torch.nn.ReLU())
     x = torch.randn(shape, requires_grad=True)
-    gm = seedrand.rewrite(model, policy([type(conv).__name__]), (x,))
+    gm = seedrand.rewrite(model, policy([type(conv).__name__]), (x,), graph=True)
     ref = materialized_reference(model, gm)
     torch.testing.assert_close(gm(x), ref(x), rtol=1e-5, atol=1e-6)
     (grad,) = torch.autograd.grad(gm(x).sum(), x)
@@ -161,7 +161,7 @@ def materialized_all_layers(model, gm, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 def test_every_layer_type_and_dtype(dtype):
     model, inputs = all_layers(dtype)
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": list(LAYER_NAMES)}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"modules": list(LAYER_NAMES)}, "random": {}}]}, inputs, graph=True)
     assert not [n for n, _ in gm.named_parameters() if n.endswith("weight")]
     out = gm(*inputs)
     assert out.dtype == dtype
@@ -171,7 +171,7 @@ def test_every_layer_type_and_dtype(dtype):
 
 def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
     model, (ids,) = all_layers()
-    gm = seedrand.rewrite(model, {"version": 1, "seed": 4, "rules": [{"match": {"modules": ["emb"]}, "random": {}}]}, (ids,))
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 4, "rules": [{"match": {"modules": ["emb"]}, "random": {}}]}, (ids,), graph=True)
     emb = gm.get_submodule("emb")
     assert isinstance(emb, RandomEmbedding) and emb.seed == philox.derive_seed(4, "emb", "weight")
     table = philox.randn(emb.seed, torch.arange(20 * 8)).reshape(20, 8)  # nn.Embedding's default N(0, 1)
@@ -184,7 +184,7 @@ def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
 def test_exported_embeddings(zoo_models):
     model, inputs = zoo_models["bert"]
     names = ["bert.embeddings.word_embeddings", "bert.embeddings.position_embeddings"]
-    gm = seedrand.rewrite(model, {"version": 1, "seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs, graph=True)
     ref = copy.deepcopy(model)
     for name in names:
         layer, w = ref.get_submodule(name), gm.get_submodule(name).weight()
@@ -198,4 +198,4 @@ def test_exported_embeddings(zoo_models):
 def test_embedding_with_max_norm_is_refused():
     model = torch.nn.Sequential(torch.nn.Embedding(10, 4, max_norm=1.0))
     with pytest.raises(PolicyError, match=r"'0' \(Embedding\): random cannot regenerate an embedding with max_norm"):
-        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Embedding"]}, "random": {}}]}, torch.zeros(2, 3).long())
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Embedding"]}, "random": {}}]}, torch.zeros(2, 3).long(), graph=True)

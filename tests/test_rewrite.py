@@ -18,7 +18,7 @@ TRANSFORMERS = ["resnet", "mobilenet_v2", "vit", "gpt2", "bert"]
 @pytest.fixture(scope="module")
 def rewritten(zoo_models):
     """Each zoo model rewritten with the empty policy, once per module."""
-    return {name: seedrand.rewrite(model, EMPTY, inputs) for name, (model, inputs) in zoo_models.items()}
+    return {name: seedrand.rewrite(model, EMPTY, inputs, graph=True) for name, (model, inputs) in zoo_models.items()}
 
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", *TRANSFORMERS])
@@ -49,7 +49,7 @@ def test_dynamic_batch_after_export(zoo_models, rewritten):
 
 def test_batchnorm_running_stats_follow_train_and_eval(zoo_models):
     model, inputs = zoo_models["resnet"]
-    gm = seedrand.rewrite(model, EMPTY, inputs)
+    gm = seedrand.rewrite(model, EMPTY, inputs, graph=True)
     reference = copy.deepcopy(model)
     stats = "resnet.embedder.embedder.normalization"
     for mode in (True, False, True):
@@ -70,7 +70,7 @@ def test_tied_weights_stay_tied(rewritten):
 def test_original_untouched_after_success_and_rewrite_does_not_share_parameters(zoo_models):
     model, inputs = zoo_models["cnn"]
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+    gm = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs, graph=True)
     assert all(p.requires_grad for p in model.parameters())
     assert not gm.get_parameter("conv1.weight").requires_grad
     assert gm.get_parameter("conv1.weight") is not model.conv1.weight
@@ -89,14 +89,14 @@ def test_original_untouched_after_failure_midway(zoo_models, monkeypatch):
 
     monkeypatch.setitem(PASSES, "freeze", breaking_pass)
     with pytest.raises(RuntimeError, match="midway"):
-        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs)
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs, graph=True)
     assert all(p.requires_grad for p in model.parameters())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
 def test_freeze_learn_only_layernorm_trains_only_layernorm(zoo_models):
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, "examples/policies/gpt2_learn_only_layernorm.yaml", inputs).train()
+    gm = seedrand.rewrite(model, "examples/policies/gpt2_learn_only_layernorm.yaml", inputs, graph=True).train()
     trainable = {n for n, p in gm.named_parameters() if p.requires_grad}
     assert trainable and all(".ln_" in n or n.startswith("transformer.ln_f") for n in trainable)
     before = {n: p.detach().clone() for n, p in gm.named_parameters()}
@@ -112,7 +112,7 @@ def test_freeze_learn_only_layernorm_trains_only_layernorm(zoo_models):
 
 def test_summary_accounts_for_every_parameter(zoo_models):
     model, inputs = zoo_models["cnn"]
-    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs)
+    gm = seedrand.rewrite(model, "examples/policies/cnn_learn_only_batchnorm.yaml", inputs, graph=True)
     report = seedrand.summary(gm)
     total = sum(p.numel() for p in model.parameters())
     conv = sum(p.numel() for m in (model.conv1, model.conv2) for p in m.parameters())
@@ -133,7 +133,7 @@ class TrainingBranch(nn.Module):
 
 
 def test_graph_that_branches_on_training_is_locked_to_its_mode():
-    gm = seedrand.rewrite(TrainingBranch().train(), EMPTY, (torch.randn(2, 4),))
+    gm = seedrand.rewrite(TrainingBranch().train(), EMPTY, (torch.randn(2, 4),), graph=True)
     assert gm.meta["seedrand"].trace.locked_mode is True
     gm(torch.randn(2, 4))
     with pytest.raises(SeedrandError, match="captured in train mode"):
@@ -143,14 +143,14 @@ def test_graph_that_branches_on_training_is_locked_to_its_mode():
 def test_untraceable_without_inputs_names_the_line_and_what_to_try(zoo_models):
     model, _ = zoo_models["gpt2"]
     with pytest.raises(TraceError) as info:
-        seedrand.rewrite(model, EMPTY)
+        seedrand.rewrite(model, EMPTY, graph=True)
     assert "modeling_gpt2.py:" in str(info.value) and "pass example_inputs" in str(info.value)
 
 
 def test_rewrite_leaves_global_rng_alone(zoo_models):
     model, inputs = zoo_models["bert"]
     state = torch.get_rng_state()
-    seedrand.rewrite(model, EMPTY, inputs)
+    seedrand.rewrite(model, EMPTY, inputs, graph=True)
     assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -167,7 +167,7 @@ class DataDependent(nn.Module):
 
 def test_untraceable_model_reports_both_strategies_and_the_line():
     with pytest.raises(TraceError) as info:
-        seedrand.rewrite(DataDependent(), EMPTY, (torch.randn(2, 4),))
+        seedrand.rewrite(DataDependent(), EMPTY, (torch.randn(2, 4),), graph=True)
     message = str(info.value)
     assert "symbolic tracing failed" in message and "torch.export failed" in message
     assert "test_rewrite.py:" in message and "torch.cond" in message
@@ -193,7 +193,7 @@ def test_exported_graph_of_a_mode_branching_model_is_the_models_mode(mode):
     model silently computed train-mode outputs), locked to it."""
     model = ExportedDropPath().train(mode)
     x = torch.randn(3, 4)
-    gm = seedrand.rewrite(model, EMPTY, (x,))
+    gm = seedrand.rewrite(model, EMPTY, (x,), graph=True)
     info = gm.meta["seedrand"].trace
     assert info.strategy == "torch.export" and info.locked_mode is mode and "differ between train and eval" in \
         info.lock_reason
@@ -220,14 +220,14 @@ class TrainOnlyNumpy(nn.Module):
 def test_a_mode_that_cannot_be_traced_leaves_the_other_usable():
     model = TrainOnlyNumpy().eval()
     x = torch.randn(3, 4)
-    gm = seedrand.rewrite(model, EMPTY, (x,))
+    gm = seedrand.rewrite(model, EMPTY, (x,), graph=True)
     with torch.no_grad():
         assert torch.equal(gm(x), model(x))
     assert "train mode cannot be traced" in gm.meta["seedrand"].trace.lock_reason
     with pytest.raises(SeedrandError, match="captured in eval mode and cannot run in the other: train mode cannot"):
         gm.train()(x)
     with pytest.raises(TraceError, match="torch.export failed"):
-        seedrand.rewrite(model.train(), EMPTY, (x,))
+        seedrand.rewrite(model.train(), EMPTY, (x,), graph=True)
 
 
 @pytest.mark.parametrize("name", ["gpt2", "llama"])
@@ -236,7 +236,7 @@ def test_exported_graphs_change_dtype(zoo_models, name):
     Llama's rotary embedding casts back to the dtype seen at export (float32), a literal in the graph, so its
     outputs carry float32 rounding there."""
     model, inputs = zoo_models[name]
-    gm = seedrand.rewrite(model, EMPTY, inputs).eval().double()
+    gm = seedrand.rewrite(model, EMPTY, inputs, graph=True).eval().double()
     reference = copy.deepcopy(model).eval().double()
     tolerance = 1e-12 if name == "gpt2" else 1e-6
     with torch.no_grad():
@@ -249,7 +249,7 @@ def test_exported_graphs_take_keyword_inputs(zoo_models):
     """An exported graph binds calls to the original forward's signature: traced inputs by keyword, untraced ones
     left out or at their default; any other value of an untraced input is an error naming it."""
     model, inputs = zoo_models["gpt2"]
-    gm = seedrand.rewrite(model, EMPTY, inputs).eval()
+    gm = seedrand.rewrite(model, EMPTY, inputs, graph=True).eval()
     with torch.no_grad():
         expected = logits(gm(*inputs))
         assert torch.equal(logits(gm(input_ids=inputs[0])), expected)
@@ -269,12 +269,12 @@ def test_exported_image_sizes_are_static_unless_asked(zoo_models):
 
     model, (x,) = zoo_models["resnet"]
     bigger = torch.randn(3, x.shape[1], x.shape[2] + 8, x.shape[3] + 8, generator=torch.Generator().manual_seed(0))
-    gm = seedrand.rewrite(model, EMPTY, (x,)).eval()
+    gm = seedrand.rewrite(model, EMPTY, (x,), graph=True).eval()
     with torch.no_grad():
         assert torch.equal(logits(gm(x[:1].repeat(3, 1, 1, 1))), logits(model.eval()(x[:1].repeat(3, 1, 1, 1))))
         with pytest.raises(Exception):
             gm(bigger)
-        dynamic = seedrand.rewrite(model, EMPTY, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},))
+        dynamic = seedrand.rewrite(model, EMPTY, (x,), dynamic_shapes=({0: Dim.AUTO, 2: Dim.AUTO, 3: Dim.AUTO},), graph=True)
         assert torch.equal(logits(dynamic.eval()(bigger)), logits(model.eval()(bigger)))
 
 
@@ -292,7 +292,7 @@ def test_torch_func_grad_equals_autograd(rule):
 
     model = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
     x = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
-    gm = seedrand.rewrite(model, {"version": 1, "seed": 5, "rules": [rule]}, (x,))
+    gm = seedrand.rewrite(model, {"version": 1, "seed": 5, "rules": [rule]}, (x,), graph=True)
     params = {n: p.detach() for n, p in gm.named_parameters() if p.requires_grad}
     grads = grad(lambda p: functional_call(gm, p, (x,)).square().sum())(params)
     gm(x).square().sum().backward()
@@ -310,7 +310,7 @@ def test_default_gpt2_config_with_its_cache_is_rewritten():
     model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, bos_token_id=0,
                                        eos_token_id=0)).eval()
     ids = torch.randint(0, 64, (2, 6), generator=torch.Generator().manual_seed(0))
-    gm = seedrand.rewrite(model, EMPTY, (ids,)).eval()
+    gm = seedrand.rewrite(model, EMPTY, (ids,), graph=True).eval()
     assert model.config.use_cache is True
     with torch.no_grad():
         assert torch.equal(gm(ids).logits, model(ids).logits)

@@ -68,7 +68,7 @@ def test_normalize_gives_exact_unit_columns():
     assert torch.equal(norms, materialize("sparse", 300, 10, seed=5).norm(dim=0).float()) or \
         torch.allclose(norms, materialize("sparse", 300, 10, seed=5).norm(dim=0), rtol=1e-6)
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(["fc"], dim=4, projection="sparse", normalize=True), inputs)
+    gm = seedrand.rewrite(model, policy(["fc"], dim=4, projection="sparse", normalize=True), inputs, graph=True)
     coords = gm.get_submodule("fc.subspace")
     columns = torch.stack([_delta_for(coords, j) for j in range(4)], dim=1)
     torch.testing.assert_close(columns.norm(dim=0), torch.ones(4), rtol=1e-5, atol=0)
@@ -89,7 +89,7 @@ def policy(modules, **params):
 @pytest.mark.parametrize("scope", ["per_layer", "global"])
 def test_starts_at_theta0_and_trains_only_theta_d(projection, scope):
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(LAYER_NAMES, dim=5, projection=projection, scope=scope), inputs)
+    gm = seedrand.rewrite(model, policy(LAYER_NAMES, dim=5, projection=projection, scope=scope), inputs, graph=True)
     assert torch.equal(gm(*inputs), model(*inputs))
     trainable = [p for p in gm.parameters() if p.requires_grad]
     assert [p.shape for p in trainable] == [(5,)] * (len(LAYER_NAMES) if scope == "per_layer" else 1)
@@ -113,7 +113,7 @@ def test_starts_at_theta0_and_trains_only_theta_d(projection, scope):
 def test_exported_model_and_state_dict(zoo_models, tmp_path):
     model, inputs = zoo_models["gpt2"]
     gm = seedrand.rewrite(model, {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Conv1D"]}, "subspace": {
-        "dim": 32, "scope": "global", "projection": "fastfood"}}]}, inputs)
+        "dim": 32, "scope": "global", "projection": "fastfood"}}]}, inputs, graph=True)
     assert gm.meta["seedrand"].trace.strategy == "torch.export"
     assert torch.equal(logits(gm(*inputs)), logits(model(*inputs)))
     state = gm.state_dict()
@@ -121,7 +121,7 @@ def test_exported_model_and_state_dict(zoo_models, tmp_path):
     with torch.no_grad():
         gm.get_submodule("subspace_0").theta_d.normal_()
     seedrand.save(gm, tmp_path / "s.safetensors")
-    loaded = seedrand.load(tmp_path / "s.safetensors", model)
+    loaded = seedrand.load(tmp_path / "s.safetensors", model, graph=True)
     assert torch.equal(logits(loaded(*inputs)), logits(gm(*inputs)))
     summary, conv1d = seedrand.summary(gm), sum(p.numel() for n, p in model.named_parameters() if ".c_" in n)
     assert summary.total.trainable == 32 + sum(p.numel() for p in model.parameters()) - conv1d
@@ -130,9 +130,9 @@ def test_exported_model_and_state_dict(zoo_models, tmp_path):
 
 def test_theta0_random_is_the_random_actions_init():
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=3, theta0="random"), inputs)
+    gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=3, theta0="random"), inputs, graph=True)
     ref = seedrand.rewrite(model, {"version": 1, "seed": 6, "rules": [{"match": {"modules": ["fc", "conv2"]}, "random": {
-        "bias": "random"}}]}, inputs)
+        "bias": "random"}}]}, inputs, graph=True)
     for name in ("fc", "conv2"):
         zero = torch.zeros(gm.get_submodule(f"{name}.subspace").rows)
         assert torch.equal(gm.get_submodule(f"{name}.weight")(zero), ref.get_submodule(name).weight())
@@ -143,7 +143,7 @@ def test_theta0_random_is_the_random_actions_init():
 def test_p_larger_than_8_gib_is_never_materialized():
     layer = torch.nn.Sequential(torch.nn.Linear(1024, 2048))
     x = torch.randn(4, 1024)
-    gm = seedrand.rewrite(layer, policy(["0"], dim=1024, projection="fastfood"), x)
+    gm = seedrand.rewrite(layer, policy(["0"], dim=1024, projection="fastfood"), x, graph=True)
     coords = gm.get_submodule("0.subspace")
     assert coords.rows * 1024 * 4 > 8 * 2**30  # materialized P would need more than 8 GiB
     gm(x).square().mean().backward()
@@ -157,12 +157,12 @@ def test_p_larger_than_8_gib_is_never_materialized():
 def test_errors_name_module_and_rule(names, params, message):
     model, inputs = all_layers()
     with pytest.raises(PolicyError, match=r"rule 'sub' .*" + message):
-        seedrand.rewrite(model, policy(names, **params), inputs)
+        seedrand.rewrite(model, policy(names, **params), inputs, graph=True)
 
 
 def test_installed_modules():
     model, inputs = all_layers()
-    gm = seedrand.rewrite(model, policy(["emb"], dim=2), inputs)
+    gm = seedrand.rewrite(model, policy(["emb"], dim=2), inputs, graph=True)
     assert isinstance(gm.get_submodule("emb.weight"), SubspaceTensor)
     assert isinstance(gm.get_submodule("emb.subspace"), SubspaceCoordinates)
 
@@ -203,7 +203,7 @@ def test_custom_op_registrations_and_compile():
     torch.library.opcheck(torch.ops.seedrand.subspace_project.default, (x, 3, 30, 5, "sparse", 0.3, False, 64))
     model, inputs = all_layers()
     for projection in ("gaussian", "fastfood"):
-        gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=4, projection=projection), inputs)
+        gm = seedrand.rewrite(model, policy(["fc", "conv2"], dim=4, projection=projection), inputs, graph=True)
         with torch.no_grad():
             for name in ("fc", "conv2"):
                 gm.get_submodule(f"{name}.subspace").theta_d.normal_()

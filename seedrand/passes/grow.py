@@ -51,6 +51,10 @@ def stage_bounds(n: int, stages: int) -> list[tuple[int, int]]:
     return list(zip([0] + stops[:-1], stops))
 
 
+def _after_load(module: "GrowingSlices", _keys) -> None:
+    module._set_requires_grad()  # a module-level function, not a lambda: the model pickles
+
+
 class GrowingSlices(nn.Module):
     """A tensor assembled along ``dim`` from ``stages`` slice parameters ``slice_0 .. slice_{stages-1}``, of which
     the first ``active`` are in use (see the module docstring).
@@ -90,7 +94,7 @@ class GrowingSlices(nn.Module):
             self.register_parameter(f"slice_{k}", nn.Parameter(part if k < start else torch.zeros_like(part)))
         self.register_buffer("active", torch.tensor(start, dtype=torch.int64))
         self._set_requires_grad()
-        self.register_load_state_dict_post_hook(lambda module, _keys: module._set_requires_grad())
+        self.register_load_state_dict_post_hook(_after_load)
 
     @property
     def slices(self) -> list[nn.Parameter]:

@@ -85,7 +85,10 @@ class SubspaceTensor(Regenerating):
         theta0: the stored starting value (``keep``), or ``None`` with ``stream`` (``random``).
         stream: the regenerated ``theta0`` (element ``j`` at Philox counter ``j``).
 
-    ``forward(delta)``: ``delta`` ``(D,)`` float32 -> the parameter, ``shape`` and ``dtype``.
+    ``forward(delta)``: ``delta`` ``(D,)`` float32 -> the parameter, ``shape`` and ``dtype``. In the kept model
+    (``seedrand.rewrite`` without ``graph=True``) the module's own forward reads the parameter as an attribute:
+    ``forward()`` then computes ``delta`` with the group's :class:`SubspaceCoordinates` given to :meth:`bind_inputs`
+    (once per read: a layer reading weight and bias computes ``P @ theta_d`` twice).
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, start: int, theta0: Optional[torch.Tensor],
@@ -97,7 +100,14 @@ class SubspaceTensor(Regenerating):
         if theta0 is None:
             self.streams["theta0"] = stream
 
-    def forward(self, delta: torch.Tensor) -> torch.Tensor:
+    def bind_inputs(self, inputs: list[nn.Module]) -> None:
+        """Compute ``delta`` with ``inputs[0]`` (the group's coordinates) when called without it. A plain
+        reference: the coordinates are registered once, where the rule installed them. Raises nothing."""
+        self.__dict__["_coordinates"] = inputs[0]
+
+    def forward(self, delta: Optional[torch.Tensor] = None) -> torch.Tensor:
+        if delta is None:
+            delta = self.__dict__["_coordinates"]()
         theta0 = self.theta0 if self.theta0 is not None else self.regenerate("theta0", self.dtype, delta.device)
         step = delta[self.start:self.start + math.prod(self.shape)].view(self.shape)
         return theta0 + step.to(self.dtype)

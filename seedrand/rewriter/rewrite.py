@@ -1,10 +1,12 @@
-"""``seedrand.rewrite``: YAML -> validated policy -> traced graph -> passes -> rewritten GraphModule."""
+"""``seedrand.rewrite``: YAML -> validated policy -> traced graph -> passes -> the user's model with seedrand's modules
+in its tree (the kept model), or the rewritten GraphModule (``graph=True``)."""
 
 from __future__ import annotations
 
 import copy
 import itertools
-from dataclasses import dataclass, field
+import contextlib
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
 
@@ -14,17 +16,20 @@ import torch.nn as nn
 
 from ..errors import ModelError, PolicyError
 from ..policy import Policy, load_policy
+from .kept import transplant, verify
 from .match import Target, resolve
 from .trace import TraceInfo, trace
 
-__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY"]
+__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY", "record_of", "graph_of"]
 
 RECORD_KEY = "seedrand"
+_KEPT_RECORD = "_seedrand_record"  # the kept model's instance attribute holding its RewriteRecord
 
 
 @dataclass
 class RewriteRecord:
-    """What :func:`rewrite` did, kept in ``gm.meta["seedrand"]`` (survives ``copy.deepcopy``).
+    """What :func:`rewrite` did, kept in ``gm.meta["seedrand"]`` of the graph and in the kept model (read both with
+    :func:`record_of`); survives ``copy.deepcopy``.
 
     Attributes:
         policy: the policy applied.
@@ -33,6 +38,9 @@ class RewriteRecord:
         example_inputs: the example inputs it was traced with (``None`` if none were given).
         collections: per :func:`seedrand.collect_garbage` call that removed channels, in order, the channel groups
             it removed (root ids of the model's ``ChannelGraph`` at that time); ``seedrand.load`` replays them.
+        graph: for a kept model, the rewritten graph beside it (sharing its tensors), which garbage collection
+            analyses; ``None`` in the graph's own record, and after pickling (``torch.save(model)``): a graph with
+            export's guards does not pickle, and ``seedrand.save``/``load`` keep what collection needs.
     """
 
     policy: Policy
@@ -40,6 +48,33 @@ class RewriteRecord:
     trace: TraceInfo
     example_inputs: Optional[tuple] = None
     collections: list[list[int]] = field(default_factory=list)
+    graph: Optional[fx.GraphModule] = None
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "graph": None}
+
+    def __deepcopy__(self, memo: dict) -> "RewriteRecord":
+        new = object.__new__(RewriteRecord)
+        memo[id(self)] = new
+        for f in fields(self):  # with the memo: the copied graph shares the copied model's tensors
+            setattr(new, f.name, copy.deepcopy(getattr(self, f.name), memo))
+        return new
+
+
+def record_of(model: nn.Module) -> Optional[RewriteRecord]:
+    """The :class:`RewriteRecord` of a model :func:`rewrite` returned (kept model or graph), else ``None``."""
+    if isinstance(model, fx.GraphModule) and RECORD_KEY in model.meta:
+        return model.meta[RECORD_KEY]
+    return model.__dict__.get(_KEPT_RECORD)
+
+
+def graph_of(model: nn.Module) -> Optional[fx.GraphModule]:
+    """The rewritten graph of a model :func:`rewrite` returned: the model itself with ``graph=True``, else the graph
+    kept beside it (``None`` when there is none: not rewritten, or unpickled). Raises nothing."""
+    record = record_of(model)
+    if record is None:
+        return None
+    return model if isinstance(model, fx.GraphModule) and record.graph is None else record.graph
 
 
 def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
@@ -59,8 +94,16 @@ def as_policy(policy: Union[Policy, str, Path, dict]) -> Policy:
 
 
 def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_inputs: Optional[tuple] = None, *,
-            dynamic_shapes: Optional[tuple] = None) -> fx.GraphModule:
-    """Apply ``policy`` to a deep copy of ``model`` and return the rewritten graph.
+            graph: bool = False, dynamic_shapes: Optional[tuple] = None) -> Union[nn.Module, fx.GraphModule]:
+    """Apply ``policy`` to a deep copy of ``model`` and return it, of the model's own class (the kept model), or,
+    with ``graph=True``, the rewritten ``torch.fx.GraphModule``.
+
+    The model is traced (``torch.fx``, or ``torch.export`` with example inputs) and the passes rewrite the graph;
+    the kept model is then a deep copy of ``model`` with the same seedrand modules at the same qualified names
+    (``seedrand.rewriter.kept``): replaced layers in place, computed weights as attributes its own forward reads,
+    gates and inserted layers applied by forward hooks. Its code, config, keyword inputs, ``generate``, hooks and
+    dtype changes are the model's own; its other tensors are the graph's, which stays beside it for garbage
+    collection. With example inputs, its outputs are checked against the graph's before it is returned.
 
     Args:
         model: any ``nn.Module``; never modified, also when an error is raised.
@@ -68,16 +111,19 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         example_inputs: positional example inputs (tuple, or one tensor). Required for models that ``torch.fx``
             cannot trace symbolically (most ``transformers`` models), which are captured with ``torch.export``;
             use a batch of at least 2 so the batch dimension stays dynamic.
+        graph: return the rewritten GraphModule (graph-level work: its nodes, ``torch.export``-captured forwards
+            that the model's own code cannot reproduce) instead of the kept model.
         dynamic_shapes: which dimensions of ``example_inputs`` an exported graph accepts at other sizes, in
             ``torch.export``'s ``dynamic_shapes`` form (per input a dict ``{dim: torch.export.Dim.AUTO}`` or
             ``None``); by default the batch, and the sequence of integer (token) inputs. Image sizes are static
             unless asked for here (they made tracing a Swin 40 times slower).
 
     Returns:
-        A ``torch.fx.GraphModule`` whose parameters are copies of the model's, in the model's train/eval mode, with
-        ``gm.meta["seedrand"]`` holding a :class:`RewriteRecord`. A ``transformers`` model whose config has
-        ``use_cache=True`` (the default) is traced with the cache off: the graph returns no key/value cache. With an empty policy its outputs equal the model's
-        bit for bit and it trains like the model.
+        The kept model (``type(out) is type(model)``), or with ``graph=True`` a ``torch.fx.GraphModule``, holding
+        copies of the model's tensors, in the model's train/eval mode; :func:`record_of` gives its
+        :class:`RewriteRecord`. A ``transformers`` model whose config has ``use_cache=True`` (the default) is traced
+        with the cache off (the graph returns no key/value cache; the kept model keeps the config and its cache).
+        With an empty policy its outputs equal the model's bit for bit and it trains like the model.
 
     Raises:
         PolicyError: the policy is malformed or does not fit the model (names the rule and YAML line).
@@ -85,12 +131,14 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
             policy instead: a second rewrite would inline the regenerated layers and lose their seeds), or its own
             forward fails on ``example_inputs`` (wrong shape or dtype; names the model code line).
         TraceError: no strategy could trace the model (names the code line).
+        ModelError: (kept model) a seedrand module has no place in the model's tree, or the kept model's outputs
+            differ from the graph's on the example inputs; ``graph=True`` gives the graph.
     """
     from ..passes import CHECKS, PASSES  # passes import the rewriter's helpers
 
     policy = as_policy(policy)
     example_inputs = _check_arguments(model, example_inputs)
-    model = copy.deepcopy(model)
+    original, model = model, copy.deepcopy(model)
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is True:  # transformers' default: a DynamicCache output cannot be exported
         config.use_cache = False  # the copy's config only: the graph computes without a key/value cache
@@ -103,15 +151,39 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         PASSES[group[0].rule.action](gm, group)
     gm.graph.lint()
     gm.recompile()
-    gm.meta[RECORD_KEY] = RewriteRecord(policy, targets, info, example_inputs)
-    return gm
+    record = RewriteRecord(policy, targets, info, example_inputs)
+    gm.meta[RECORD_KEY] = record
+    if graph:
+        return gm
+    kept = copy.deepcopy(original)
+    transplant(gm, kept)
+    if example_inputs is not None:
+        with _cache_off(kept):
+            verify(kept, gm, example_inputs, info.locked_mode)
+    record.graph = gm
+    kept.__dict__[_KEPT_RECORD] = record
+    return kept
+
+
+@contextlib.contextmanager
+def _cache_off(model: nn.Module):
+    """``model.config.use_cache`` off inside (the graph was traced without a key/value cache), restored after."""
+    config = getattr(model, "config", None)
+    cached = getattr(config, "use_cache", None)
+    if cached is True:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if cached is True:
+            config.use_cache = True
 
 
 def _check_arguments(model: nn.Module, example_inputs) -> Optional[tuple]:
     """``example_inputs`` as a tuple (or ``None``), once ``model`` and they are known to be what rewrite takes."""
     if not isinstance(model, nn.Module):
         raise ModelError(f"seedrand.rewrite takes an nn.Module as the model, not {type(model).__name__}")
-    if isinstance(model, fx.GraphModule) and RECORD_KEY in model.meta:
+    if record_of(model) is not None:
         raise ModelError("this model was returned by seedrand.rewrite already; rewrite the original model with one "
                          "policy holding every rule (a second rewrite would inline its regenerated layers and lose "
                          "their seeds and fingerprints)")

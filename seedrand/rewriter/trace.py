@@ -149,7 +149,8 @@ def _user_frame(exc: BaseException, model: nn.Module) -> str:
     return f"{type(exc).__name__}: {message}{where}"
 
 
-def _in_mode(model: nn.Module, mode: bool, fn):
+def in_mode(model: nn.Module, mode: bool, fn):
+    """``fn()`` with ``model`` in train (``mode=True``) or eval mode, every module's own mode restored after."""
     saved = {m: m.training for m in model.modules()}
     model.train(mode)
     try:
@@ -175,7 +176,7 @@ def _reference(model: nn.Module, example_inputs) -> Any:
     """
     try:
         with torch.no_grad(), _quiet_torch():
-            return _in_mode(model, False, lambda: model(*example_inputs))
+            return in_mode(model, False, lambda: model(*example_inputs))
     except Exception as e:  # noqa: BLE001 - whatever the model raises, the inputs do not fit it
         shapes = ", ".join(f"{tuple(x.shape)} {x.dtype}" if isinstance(x, torch.Tensor) else type(x).__name__
                            for x in example_inputs)
@@ -200,15 +201,15 @@ def _quiet_torch():
 
 
 def _symbolic(model: nn.Module, leaves: set[str], example_inputs, reference) -> tuple[fx.GraphModule, TraceInfo]:
-    graphs = {mode: _in_mode(model, mode, lambda: _LeafTracer(leaves).trace(model)) for mode in (True, False)}
+    graphs = {mode: in_mode(model, mode, lambda: _LeafTracer(leaves).trace(model)) for mode in (True, False)}
     mode = model.training
     info = TraceInfo("symbolic_trace")
     if graphs[True].python_code("self").src != graphs[False].python_code("self").src:
         info.locked_mode, info.lock_reason = mode, "the model's forward branches on self.training"
     if example_inputs is not None:
-        check = fx.GraphModule(model, graphs[False]).eval()
-        with torch.no_grad():
-            same = _same_outputs(reference, check(*example_inputs))
+        check = fx.GraphModule(model, graphs[False])
+        with torch.no_grad():  # in _in_mode: the check's leaves are the model's, whose modes must stay as they are
+            same = _same_outputs(reference, in_mode(check, False, lambda: check(*example_inputs)))
         if not same:
             raise TraceError("the symbolically traced graph's outputs differ from the model's")
     # built last: a graph belongs to the GraphModule built on it last, and passes add submodules to this one
@@ -232,6 +233,9 @@ def default_dynamic_shapes(inputs: tuple) -> tuple:
 
 def _export(model: nn.Module, example_inputs, dynamic_shapes=None) -> torch.export.ExportedProgram:
     dynamic = dynamic_shapes if dynamic_shapes is not None else default_dynamic_shapes(example_inputs)
+    parameters = list(inspect.signature(model.forward).parameters.values())
+    if parameters and parameters[0].kind is inspect.Parameter.VAR_POSITIONAL:
+        dynamic = (dynamic,)  # forward(*args) (a PeftModel): export wants the shapes of args as one entry
     return torch.export.export(model, tuple(example_inputs), strict=False, dynamic_shapes=dynamic)
 
 
@@ -308,7 +312,7 @@ def _exported(model: nn.Module, example_inputs, dynamic_shapes=None) -> tuple[fx
     graphs, failures = {}, {}
     for mode in (True, False):
         try:
-            graphs[mode] = _in_mode(model, mode, lambda: _export(model, example_inputs, dynamic_shapes)).module()
+            graphs[mode] = in_mode(model, mode, lambda: _export(model, example_inputs, dynamic_shapes)).module()
         except Exception as e:  # noqa: BLE001 - one mode may be untraceable (SpecAugment's numpy masks in train)
             failures[mode] = e
     if model.training in failures or not graphs:
