@@ -5,7 +5,7 @@ from seedrand import zoo
 
 model, inputs = zoo.gpt2()                    # a transformers GPT-2 built from a config
 policy = seedrand.load_policy("examples/policies/gpt2_learn_only_layernorm.yaml")
-gm = seedrand.rewrite(model, policy, inputs)  # a torch.fx.GraphModule; `model` is untouched
+gm = seedrand.rewrite(model, policy, inputs)  # a GPT2LMHeadModel again; `model` is untouched
 print(seedrand.summary(gm).total)
 
 gm.train()

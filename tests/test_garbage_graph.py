@@ -182,13 +182,34 @@ FAMILIES = {  # model, inputs, modules that must lose channels (only possible th
 }
 
 
+GRAPH_ONLY = {"rmsnorm": "RMSNorm's mean over the channels", "split_chunk": "split sizes in the forward"}
+
+
+@pytest.mark.parametrize("family", sorted(GRAPH_ONLY))
+def test_kept_model_changes_nothing_where_its_code_cannot_follow(family):
+    build, inputs, _ = FAMILIES[family]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = build().eval()
+    kept = seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Linear", "Conv2d"]},
+                                                             "optional": True, "filter_gates": {"init": "uniform"}}]},
+                            inputs)
+    kill_gates(kept, 0.6, 3)
+    before = {n: p.detach().clone() for n, p in kept.named_parameters()}
+    report = seedrand.collect_garbage(kept)
+    assert report.not_applied and "graph=True" in report.not_applied and not report.removed
+    assert {n: p.shape for n, p in kept.named_parameters()} == {n: t.shape for n, t in before.items()}
+
+
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_outputs_unchanged_after_collection(family):
     build, inputs, shrunk = FAMILIES[family]
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = build().eval()
-    report = check_garbage_collection(model, inputs, fraction=0.9 if family == "grouped" else 0.6, seed=3)
+    graph = family in GRAPH_ONLY  # the kept model's own code reads a literal size: the graph can follow
+    report = check_garbage_collection(model, inputs, fraction=0.9 if family == "grouped" else 0.6, seed=3,
+                                      graph=graph)
     assert set(shrunk) <= set(report.removed), (report.removed, report.blocked)
     assert report.parameters_after < report.parameters_before and report.flops_after < report.flops_before
 
@@ -349,7 +370,8 @@ def test_dead_attention_head_is_removed(zoo_models, name):
             gm.get_submodule(gate).theta[start + head * size:start + (head + 1) * size] = -1.0
 
     match = {"types": ["Conv1D"]} if name == "gpt2" else {"types": ["Linear"]}
-    report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head)
+    # graph=True: GPT-2's and BERT's attention reshape by their num_heads attributes, which the graph follows
+    report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head, graph=True)
     per_head = 3 * size if name == "gpt2" else size  # its queries, keys and values go
     assert all(report.removed[m] == per_head for m in shrunk), report.removed
 
@@ -364,5 +386,5 @@ def test_rmsnorm_compensated_in_an_exported_graph():
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         model = Exported().eval()
-    report = check_garbage_collection(model, image(4, 8), fraction=0.6, seed=3)
+    report = check_garbage_collection(model, image(4, 8), fraction=0.6, seed=3, graph=True)
     assert {"a", "norm"} <= set(report.removed) and "c_gate" in report.blocked
