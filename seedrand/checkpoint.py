@@ -64,6 +64,15 @@ def _signed(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> dict[
     return {**metadata, _METADATA_CHECKSUM: _metadata_checksum(metadata)}
 
 
+class _Architecture(BaseModel):
+    """A transformers model's class (a name exported by ``transformers``, never a path) and config."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    class_name: str = Field(pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,99}$")
+    config: dict
+
+
 class _Metadata(BaseModel):
     """The decoded metadata of a seedrand file (every value is a string in safetensors; JSON inside)."""
 
@@ -75,6 +84,7 @@ class _Metadata(BaseModel):
     example_inputs: Optional[int] = Field(ge=0, le=1024)
     training: bool
     collections: list[list[int]] = Field(max_length=100_000)
+    architecture: Optional[_Architecture] = None
     sha256: dict[str, str]
     metadata_sha256: str
 
@@ -108,6 +118,9 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
     metadata = {"format": _FORMAT, "policy": record.policy.to_yaml(), "aliases": json.dumps(aliases),
                 "example_inputs": json.dumps(len(inputs) if record.example_inputs is not None else None),
                 "training": json.dumps(model.training), "collections": json.dumps(record.collections)}
+    architecture = _architecture(model)
+    if architecture is not None:
+        metadata["architecture"] = json.dumps(architecture)
     metadata = _signed(tensors, metadata)
     path = Path(path)
     if not path.parent.is_dir():
@@ -125,14 +138,46 @@ def save(model: nn.Module, path: Union[str, Path]) -> None:
             os.remove(tmp)
 
 
-def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tuple] = None, *,
+def _architecture(model: nn.Module) -> Optional[dict]:
+    """The class name and config of a kept transformers model, if ``transformers`` exports its class by name."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    cls = type(model)
+    if transformers is None or not cls.__module__.startswith("transformers.") or not hasattr(model, "config"):
+        return None
+    if getattr(transformers, cls.__name__, None) is not cls:
+        return None
+    return {"class_name": cls.__name__, "config": model.config.to_dict()}
+
+
+def _rebuild(path, architecture: Optional[_Architecture]) -> nn.Module:
+    """The architecture recorded in a file: a freshly initialized transformers model of the saved class and config.
+    The class is looked up by name among ``transformers``' exports (a transformers model), never imported by path."""
+    if architecture is None:
+        raise CheckpointError(path, "the file records no transformers architecture (the model was not a transformers "
+                              "model, or was saved as a graph); pass the architecture: seedrand.load(path, model)")
+    from ._optional import require
+
+    transformers = require("transformers", "seedrand.load without a model")
+    cls = getattr(transformers, architecture.class_name, None)
+    if not (isinstance(cls, type) and issubclass(cls, transformers.PreTrainedModel)):
+        raise CheckpointError(path, f"architecture {shown(architecture.class_name)} is not a transformers model class")
+    try:
+        return cls(cls.config_class.from_dict(architecture.config))
+    except Exception as e:  # noqa: BLE001 - whatever the class refuses to build from, the file's config is malformed
+        raise CheckpointError(path, f"the saved {architecture.class_name} config is malformed: {shown(str(e))}") from None
+
+
+def load(path: Union[str, Path], model: Optional[nn.Module] = None, example_inputs: Optional[tuple] = None, *,
          graph: bool = False) -> Union[nn.Module, fx.GraphModule]:
     """Rebuild a model saved by :func:`save`: apply its policy to ``model`` (the original architecture, never
     modified) and load its tensors.
 
     Args:
         path: a file written by :func:`save`.
-        model: the un-rewritten architecture the saved model came from (any weights).
+        model: the un-rewritten architecture the saved model came from (any weights). May be left out for a kept
+            transformers model: the file records its class (by name) and config, and the architecture is rebuilt.
         example_inputs: inputs to trace with; defaults to the ones saved with the model.
         graph: return the rewritten ``GraphModule`` instead of the kept model (as :func:`seedrand.rewrite`).
 
@@ -146,6 +191,8 @@ def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tupl
             tensors missing or unexpected, shapes that differ, or a regenerated tensor whose fingerprint does not
             match (names the tensor). Nothing is rewritten before every checksum is verified.
         PolicyError: the saved policy does not fit ``model``.
+
+    A ``model`` left out needs a file that records a transformers architecture (a ``CheckpointError`` says so).
     """
     tensors, meta = _read(path)
     saved_inputs = None
@@ -161,6 +208,8 @@ def load(path: Union[str, Path], model: nn.Module, example_inputs: Optional[tupl
             raise CheckpointError(path, f"alias {shown(name)} refers to {shown(kept)}, which the file does not hold")
         tensors[name] = tensors[kept]
     policy = parse_policy(meta.policy, f"{path}:policy")
+    if model is None:
+        model = _rebuild(path, meta.architecture)
     gm = rewrite(model, policy, saved_inputs if example_inputs is None else example_inputs, graph=graph)
     try:
         replay_collections(gm, meta.collections)

@@ -224,6 +224,8 @@ def test_changed_metadata_is_refused(tmp_path):
     ("policy", None, ["malformed metadata policy", "Field required"]),
     ("policy", "x" * (41 << 20), ["malformed metadata policy", "at most"]),
     ("aliases", '{"a.weight": "nowhere"}', ["alias 'a.weight' refers to 'nowhere'"]),
+    ("architecture", '{"class_name": "os.system", "config": {}}', ["malformed metadata architecture.class_name"]),
+    ("architecture", '{"class_name": "GPT2Model", "config": {}, "code": "x"}', ["malformed metadata architecture.code"]),
 ])
 def test_malformed_metadata_is_a_checkpoint_error(tmp_path, key, value, words):
     """Metadata that is well signed (as a hostile file would be) but malformed gets a CheckpointError naming the

@@ -214,3 +214,81 @@ def test_save_and_load_give_back_the_kept_model(tmp_path):
     loaded = seedrand.load(tmp_path / "k.safetensors", Net()).eval()
     assert type(loaded) is Net
     torch.testing.assert_close(loaded(tokens), kept(tokens), rtol=0, atol=0)
+
+
+def test_a_saved_transformers_model_loads_without_its_architecture(tmp_path):
+    model = _gpt2_default()
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(5))
+    kept = seedrand.rewrite(model, GPT2_POLICY, (ids,))
+    seedrand.save(kept, tmp_path / "gpt2.safetensors")
+    loaded = seedrand.load(tmp_path / "gpt2.safetensors")
+    assert type(loaded) is type(model) and loaded.config.to_dict() == kept.config.to_dict()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, kept(ids).logits, rtol=0, atol=0)
+
+
+def test_load_without_a_model_needs_a_recorded_transformers_architecture(tmp_path):
+    model, tokens = Net(), torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(6))
+    seedrand.save(seedrand.rewrite(model, ACTIONS["random"], (tokens,)), tmp_path / "net.safetensors")
+    with pytest.raises(seedrand.CheckpointError, match=r"records no transformers architecture.*load\(path, model\)"):
+        seedrand.load(tmp_path / "net.safetensors")
+
+
+@pytest.mark.parametrize("class_name,config,words", [
+    ("Conv1D", {}, "'Conv1D' is not a transformers model class"),
+    ("NoSuchModel", {}, "'NoSuchModel' is not a transformers model class"),
+    ("GPT2LMHeadModel", {"n_embd": 33, "n_head": 2}, "config is malformed"),
+])
+def test_a_recorded_architecture_that_is_not_a_transformers_model_is_refused(tmp_path, class_name, config, words):
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from seedrand.checkpoint import _signed
+
+    model = _gpt2_default()
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(7))
+    path = tmp_path / "gpt2.safetensors"
+    seedrand.save(seedrand.rewrite(model, GPT2_POLICY, (ids,)), path)
+    tensors = load_file(path)
+    with safe_open(str(path), "pt") as f:
+        metadata = f.metadata()
+    architecture = json.dumps({"class_name": class_name, "config": config})
+    save_file(tensors, path, metadata=_signed(tensors, {**metadata, "architecture": architecture}))
+    with pytest.raises(seedrand.CheckpointError, match=words):
+        seedrand.load(path)
+
+
+def test_the_hf_trainer_trains_a_kept_model_and_saves_a_checkpoint(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = _gpt2_default()
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(8))
+    kept = seedrand.rewrite(model, GPT2_POLICY, (ids,)).train()
+    kept.config.use_cache = False
+    data = [{"input_ids": row, "labels": row} for row in torch.randint(1, 64, (6, 6), generator=torch.Generator())]
+    before = {n: p.detach().clone() for n, p in kept.named_parameters() if p.requires_grad}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2, save_steps=3,
+                             report_to=[], use_cpu=True, learning_rate=1e-2)
+    Trainer(model=kept, args=args, train_dataset=data).train()
+    assert (tmp_path / "checkpoint-3" / "model.safetensors").is_file()
+    assert any(not torch.equal(before[n], p) for n, p in kept.named_parameters() if p.requires_grad)
+    assert not any(p.requires_grad for n, p in kept.named_parameters() if "c_fc" in n and "bias" not in n)
+
+
+def test_autocast_and_inductor_run_the_kept_model():
+    model, tokens = Net().eval(), torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(9))
+    policy = {"version": 1, "seed": 3, "rules": [
+        {"match": {"modules": ["fc1"]}, "filter_gates": {"init": "uniform"}},
+        {"match": {"modules": ["fc2"]}, "freeze_fraction": {"fraction": 0.5}},
+        {"match": {"modules": ["emb"]}, "random": {}}]}
+    kept = seedrand.rewrite(model, policy, (tokens,)).eval()
+    with torch.no_grad():
+        expected = kept(tokens)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            autocast = kept(tokens)
+        compiled = torch.compile(kept)(tokens)
+    assert autocast.dtype == torch.bfloat16
+    torch.testing.assert_close(autocast.float(), expected, rtol=0.05, atol=0.05)
+    torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)

@@ -33,7 +33,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..kernels import philox
-from ..kernels.dispatch import plain_torch_ops
+from ..kernels.dispatch import autocast_input, plain_torch_ops
 from ..kernels.init import sample, sample_at
 from ..kernels.ops import frozen_matmul
 from ..kernels.philox import derive_seed
@@ -195,7 +195,7 @@ class FrozenFractionLinear(nn.Module):
         self.register_buffer("trained", trained, persistent=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        w = self.weight
+        w, x = self.weight, autocast_input(x)
         if w.fixed == "keep" or plain_torch_ops():
             y = nn.functional.linear(x, w())
         else:
@@ -203,7 +203,7 @@ class FrozenFractionLinear(nn.Module):
             y = frozen_matmul(x, w.trainable, self.source, self.trained, w.dim, stream.seed, stream.scale,
                               stream.kind, False)
         bias = self.bias() if isinstance(self.bias, FrozenFraction) else self.bias
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 def _take(value: torch.Tensor, dim: int, index: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from ..kernels.dispatch import plain_torch_ops
+from ..kernels.dispatch import autocast_input, plain_torch_ops
 from ..kernels.init import init_distribution, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
@@ -83,13 +83,14 @@ class RandomLinear(_RandomLayer):
         self.in_features, self.out_features, self.chunk_bytes = in_features, out_features, chunk_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         if plain_torch_ops():  # ONNX export, torch.func.grad
             y = nn.functional.linear(x, self.weight(x.dtype, x.device))
         else:
             y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
                              self.chunk_bytes)
         bias = self._bias(x.dtype, x.device)
-        return y if bias is None else y + bias
+        return y if bias is None else y + bias.to(y.dtype)
 
 
 class RandomConv(_RandomLayer):
@@ -111,6 +112,7 @@ class RandomConv(_RandomLayer):
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
         if plain_torch_ops():  # ONNX export, torch.func.grad
             conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[len(self.weight_shape) - 3]
             y = conv(x, self.weight(x.dtype, x.device), None, self.stride, self.padding, self.dilation, self.groups)
@@ -118,7 +120,7 @@ class RandomConv(_RandomLayer):
             y = regen_conv(x, self.seed, list(self.weight_shape), *self._distribution(), list(self.stride),
                            list(self.padding), list(self.dilation), self.groups)
         bias = self._bias(x.dtype, x.device)
-        return y if bias is None else y + bias.reshape(-1, *[1] * (y.dim() - 2))
+        return y if bias is None else y + bias.to(y.dtype).reshape(-1, *[1] * (y.dim() - 2))
 
 
 class RandomEmbedding(_RandomLayer):
