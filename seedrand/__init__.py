@@ -24,6 +24,7 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .export import export_onnx
     from .garbage import collect_garbage
     from .intrinsic import intrinsic_dimension
+    from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
     from .passes.grow import drop_inactive
     from .policy import Policy, load_policy
@@ -40,6 +41,7 @@ _LAZY = {
     "export_onnx": ".export",
     "collect_garbage": ".garbage",
     "intrinsic_dimension": ".intrinsic",
+    "merge": ".merge", "load_base_state_dict": ".merge",
     "gate_parameters": ".passes.filter_gates", "penalty": ".passes.filter_gates",
     "drop_inactive": ".passes.grow",
     "Policy": ".policy", "load_policy": ".policy",
@@ -48,7 +50,7 @@ _LAZY = {
     "summary": ".summary",
 }
 
-__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "export_onnx", "intrinsic_dimension",
+__all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "merge", "load_base_state_dict", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
            "Ensemble", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
 

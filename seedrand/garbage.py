@@ -29,7 +29,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ModelError, SeedrandError, shown
 from .passes.filter_gates import FilterGate
 from .rewriter.channels import ChannelGraph, Ref
-from .passes.layout import _conv1d
+from .passes.layout import conv1d_types
 from .rewriter.kept import share_tensors, verify
 from .rewriter.rewrite import graph_of, record_of
 
@@ -347,7 +347,7 @@ def _follow_tensors(module: nn.Module) -> None:
         module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
     elif isinstance(module, nn.LayerNorm) and module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, _conv1d()):
+    elif isinstance(module, conv1d_types()):
         module.nf = module.weight.shape[1]
 
 

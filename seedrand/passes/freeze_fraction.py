@@ -202,8 +202,15 @@ class FrozenFractionLinear(nn.Module):
             stream = w.streams.get("frozen", Stream(0, "zero", 0.0, ()))
             y = frozen_matmul(x, w.trainable, self.source, self.trained, w.dim, stream.seed, stream.scale,
                               stream.kind, False)
-        bias = self.bias() if isinstance(self.bias, FrozenFraction) else self.bias
+        bias = self._bias()
         return y if bias is None else y + bias.to(y.dtype)
+
+    def _bias(self) -> Optional[torch.Tensor]:
+        return self.bias() if isinstance(self.bias, FrozenFraction) else self.bias
+
+    def merged(self) -> dict[str, Optional[torch.Tensor]]:
+        """The replaced ``nn.Linear``'s ``weight`` and ``bias``, assembled (what :func:`seedrand.merge` puts back)."""
+        return {"weight": self.weight(), "bias": self._bias()}
 
 
 def _take(value: torch.Tensor, dim: int, index: list[int]) -> torch.Tensor:

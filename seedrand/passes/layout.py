@@ -28,7 +28,7 @@ from ..rewriter.graph import inline_module, substitute_tensor
 from ..rewriter.match import Target
 from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "layout_of", "row_major_strides", "slice_counters", "substitute_weight", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
+__all__ = ["Layout", "layout", "layout_of", "conv1d_types", "row_major_strides", "slice_counters", "substitute_weight", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
 
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
@@ -164,7 +164,7 @@ def layout(gm: fx.GraphModule, target: Target) -> Layout:
     return layout_of(target, tuple(stored_weight(gm, target).shape))
 
 
-def _conv1d() -> tuple[type, ...]:
+def conv1d_types() -> tuple[type, ...]:
     """transformers' ``Conv1D`` if transformers is imported (a model holding one has imported it), else ``()``:
     seedrand itself never needs transformers."""
     module = sys.modules.get("transformers.pytorch_utils")
@@ -177,7 +177,7 @@ def layout_of(target: Target, shape: tuple[int, ...]) -> Layout:
     Raises:
         PolicyError: the module is not one of the supported types.
     """
-    conv1d = _conv1d()
+    conv1d = conv1d_types()
     cls = target.cls
     if not issubclass(cls, (nn.Linear, *conv1d, *_CONVS, nn.Embedding)):
         raise target.error(f"{target.rule.action} supports nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and "

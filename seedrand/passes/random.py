@@ -34,9 +34,11 @@ class _RandomLayer(Regenerating):
     :class:`RandomLinear` (a regenerated bias is stream ``bias``)."""
 
     def __init__(self, weight_shape: tuple[int, ...], fan_in: int, fan_out: int, seed: int, init: str,
-                 bias: nn.Parameter | int | None):
+                 bias: nn.Parameter | int | None, dtype: torch.dtype = torch.float32, transposed: bool = False):
         super().__init__()
         self.weight_shape, self.fan_in, self.fan_out, self.init = tuple(weight_shape), fan_in, fan_out, init
+        self.transposed = transposed
+        self.register_dtype(dtype)
         self.streams["weight"] = Stream(seed, *init_distribution(init, fan_in, fan_out), self.weight_shape)
         if isinstance(bias, int):  # PyTorch's default Linear/Conv bias init: U(-1/sqrt(fan_in), 1/sqrt(fan_in))
             self.streams["bias"] = Stream(bias, "uniform", 1 / math.sqrt(fan_in), (weight_shape[0],))
@@ -58,6 +60,14 @@ class _RandomLayer(Regenerating):
         """The regenerated weight (shape ``weight_shape``), materialized (for inspection and export)."""
         return self.regenerate("weight", dtype, device)
 
+    def merged(self) -> dict[str, Optional[torch.Tensor]]:
+        """The replaced layer's ``weight`` (its stored layout: transposed for ``Conv1D``) and ``bias``
+        materialized, in the dtype and on the device this module follows (what :func:`seedrand.merge` puts
+        back)."""
+        dtype, device = self.dtype, self.dtype_probe.device
+        weight = self.weight(dtype, device)
+        return {"weight": weight.t() if self.transposed else weight, "bias": self._bias(dtype, device)}
+
     def extra_repr(self) -> str:
         bias = "random" if "bias" in self.streams else self.bias is not None
         return f"weight_shape={self.weight_shape}, init={self.init}, seed={self.seed}, bias={bias}"
@@ -73,13 +83,16 @@ class RandomLinear(_RandomLayer):
         bias: ``None`` (no bias), a ``Parameter`` (trainable, or frozen and stored), or the int Philox key of a
             regenerated ``U(-1/sqrt(in_features), 1/sqrt(in_features))`` bias (PyTorch's default Linear bias init).
         chunk_bytes: float32 bytes of weight regenerated at a time (``seedrand.kernels.ops``).
+        dtype: the replaced layer's dtype (follows ``module.to(dtype)``): what :meth:`merged` materializes in.
+        transposed: the replaced layer stored the weight transposed (transformers ``Conv1D``).
 
     Input ``(..., in_features)`` of any float dtype; output ``(..., out_features)`` of the same dtype.
     """
 
     def __init__(self, in_features: int, out_features: int, seed: int, init: str,
-                 bias: nn.Parameter | int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        super().__init__((out_features, in_features), in_features, out_features, seed, init, bias)
+                 bias: nn.Parameter | int | None, chunk_bytes: int = DEFAULT_CHUNK_BYTES,
+                 dtype: torch.dtype = torch.float32, transposed: bool = False):
+        super().__init__((out_features, in_features), in_features, out_features, seed, init, bias, dtype, transposed)
         self.in_features, self.out_features, self.chunk_bytes = in_features, out_features, chunk_bytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -99,16 +112,18 @@ class RandomConv(_RandomLayer):
     Args:
         weight_shape: ``(out_channels, in_channels / groups, *kernel)``.
         stride, padding, dilation, groups: as ``nn.Conv{n}d`` (tuples of ``len(kernel)`` ints; numeric padding).
-        seed, init, bias: as :class:`RandomLinear`; fans are those ``torch.nn.init`` computes for such a weight.
+        seed, init, bias, dtype: as :class:`RandomLinear`; fans are those ``torch.nn.init`` computes for such a
+            weight.
 
     Input ``(N, C_in, *spatial)``; output ``(N, C_out, *spatial_out)``, dtype of the input.
     """
 
     def __init__(self, weight_shape: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
-                 dilation: tuple[int, ...], groups: int, seed: int, init: str, bias: nn.Parameter | int | None):
+                 dilation: tuple[int, ...], groups: int, seed: int, init: str, bias: nn.Parameter | int | None,
+                 dtype: torch.dtype = torch.float32):
         receptive = math.prod(weight_shape[2:])
         super().__init__(tuple(weight_shape), weight_shape[1] * receptive, weight_shape[0] * receptive, seed, init,
-                         bias)
+                         bias, dtype)
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -140,10 +155,9 @@ class RandomEmbedding(_RandomLayer):
 
     def __init__(self, num_embeddings: int, embedding_dim: int, seed: int, init: str, padding_idx: Optional[int],
                  dtype: torch.dtype = torch.float32):
-        super().__init__((num_embeddings, embedding_dim), embedding_dim, num_embeddings, seed, init, None)
+        super().__init__((num_embeddings, embedding_dim), embedding_dim, num_embeddings, seed, init, None, dtype)
         self.num_embeddings, self.embedding_dim = num_embeddings, embedding_dim
         self.padding_idx = None if padding_idx is None else padding_idx % num_embeddings
-        self.register_dtype(dtype)
 
     def forward(self, indices: torch.Tensor) -> torch.Tensor:
         stream = self.streams["weight"]
@@ -166,11 +180,11 @@ def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int 
 
 def _replacement(gm: fx.GraphModule, target: Target, lay: Layout, bias: nn.Parameter | int | None) -> nn.Module:
     seed, init = derive_seed(target.seed, target.qualname, "weight"), lay.init(target.rule.params.init)
-    if lay.kind == "linear":
-        return RandomLinear(lay.shape[1], lay.shape[0], seed, init, bias)
-    if lay.kind == "conv":
-        return RandomConv(lay.shape, *_conv_hyperparameters(gm, target, len(lay.shape) - 2), seed, init, bias)
     dtype = stored_weight(gm, target).dtype
+    if lay.kind == "linear":
+        return RandomLinear(lay.shape[1], lay.shape[0], seed, init, bias, dtype=dtype, transposed=lay.transposed)
+    if lay.kind == "conv":
+        return RandomConv(lay.shape, *_conv_hyperparameters(gm, target, len(lay.shape) - 2), seed, init, bias, dtype)
     return RandomEmbedding(*lay.shape, seed, init, _padding_idx(gm, target), dtype)
 
 

@@ -16,6 +16,7 @@ model for analysis (garbage collection) and :func:`verify` compares the two on t
 
 from __future__ import annotations
 
+import copy
 import copyreg
 import itertools
 from typing import Any, Optional
@@ -28,7 +29,8 @@ from torch.utils import _pytree as pytree
 from ..errors import ModelError, SeedrandError
 from .trace import in_mode
 
-__all__ = ["is_seedrand_module", "compute_attribute", "add_module_hidden", "AppliedAfter", "transplant", "share_tensors", "verify"]
+__all__ = ["is_seedrand_module", "top_seedrand_modules", "compute_attribute", "add_module_hidden", "AppliedAfter", "transplant", "share_tensors",
+           "difference", "verify"]
 
 
 def is_seedrand_module(module: nn.Module) -> bool:
@@ -115,13 +117,17 @@ def compute_attribute(module: nn.Module, name: str, provider: nn.Module) -> None
     returns the tensor), registered as the submodule ``name``: ``module.name`` then returns ``provider()``, so the
     module's own forward computes with it. The module's class becomes a generated subclass (``Seedrand{Class}``,
     an instance of the original class) that pickles and deep-copies through the original; its state-dict keys are
-    ``{name}.{provider's keys}``, as in the rewritten graph.
+    ``{name}.{provider's keys}``, as in the rewritten graph. Whether ``name`` was a parameter, and its
+    ``requires_grad``, are kept in ``module.__dict__["_seedrand_replaced"]`` (what :func:`seedrand.merge` restores).
 
     Raises:
         ValueError: ``module`` has no parameter or buffer ``name``.
     """
     if name not in module._parameters and name not in module._buffers:
         raise ValueError(f"{type(module).__name__} has no parameter or buffer {name!r}")
+    tensor = getattr(module, name)
+    replaced = module.__dict__.setdefault("_seedrand_replaced", {})
+    replaced[name] = (name in module._parameters, tensor is not None and tensor.requires_grad)
     delattr(module, name)
     _swap_class(module, (name,))
     module._modules[name] = provider
@@ -138,7 +144,7 @@ class AppliedAfter:
         return self.module(output)
 
 
-def _top_seedrand_modules(gm: nn.Module) -> list[tuple[str, nn.Module]]:
+def top_seedrand_modules(gm: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every seedrand module of ``gm`` that no other seedrand module holds, in module order."""
     found, inside = [], ()
     for name, module in gm.named_modules():
@@ -177,9 +183,13 @@ def _placement(kept: nn.Module, name: str) -> tuple[nn.Module, str, str]:
     return parent, leaf, "new"
 
 
-def transplant(gm: fx.GraphModule, kept: nn.Module) -> None:
+def transplant(gm: fx.GraphModule, kept: nn.Module) -> dict[str, nn.Module]:
     """Place every seedrand module of the rewritten ``gm`` in ``kept`` (a copy of the model ``gm`` was traced
     from), as the module docstring says, then :func:`share_tensors`.
+
+    Returns:
+        per replaced layer's qualified name, a copy of the layer on the ``meta`` device (its class, hyperparameters
+        and ``requires_grad`` flags, no data), from which :func:`seedrand.merge` rebuilds it.
 
     Raises:
         ModelError: a seedrand module has no place in ``kept`` (its parent is missing, or the op it follows belongs
@@ -189,9 +199,11 @@ def transplant(gm: fx.GraphModule, kept: nn.Module) -> None:
     for node in gm.graph.nodes:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
-    placed = [(name, module, *_placement(kept, name)) for name, module in _top_seedrand_modules(gm)]
+    placed = [(name, module, *_placement(kept, name)) for name, module in top_seedrand_modules(gm)]
+    originals = {}
     for name, module, parent, leaf, kind in placed:  # replaced modules first: computed tensors and hooks read them
         if kind == "module":
+            originals[name] = copy.deepcopy(parent._modules[leaf]).to("meta")
             setattr(parent, leaf, module)
         elif kind == "new" and not any(a for n in calls.get(name, []) for a in n.args):
             add_module_hidden(parent, leaf, module)  # called without inputs (subspace's coordinates)
@@ -211,11 +223,12 @@ def transplant(gm: fx.GraphModule, kept: nn.Module) -> None:
             for owner in {_owner(n.args[0]) for n in calls.get(name, []) if n.args}:
                 kept.get_submodule(owner).register_forward_hook(AppliedAfter(module))
     share_tensors(gm, kept)
+    return originals
 
 
 def _tensors(tree: nn.Module):
     """``(qualified name, tensor)`` of every parameter and buffer of ``tree`` outside seedrand modules."""
-    inside = tuple(f"{n}." for n, _ in _top_seedrand_modules(tree))
+    inside = tuple(f"{n}." for n, _ in top_seedrand_modules(tree))
     for name, tensor in itertools.chain(tree.named_parameters(remove_duplicate=False),
                                         tree.named_buffers(remove_duplicate=False)):
         if not name.startswith(inside):
@@ -254,28 +267,38 @@ def _outputs(model: nn.Module, inputs: tuple, training: bool) -> list[torch.Tens
     return [x for x in pytree.tree_leaves(out) if isinstance(x, torch.Tensor)]
 
 
+def difference(reference: nn.Module, model: nn.Module, example_inputs: tuple, training: bool = False
+               ) -> Optional[float]:
+    """``None`` if ``model`` computes what ``reference`` computes on ``example_inputs`` (in mode ``training``; no
+    gradient, buffers and the global RNG restored), else the largest difference of their outputs (``nan`` where
+    they do not match in number or shape). Tolerance: ``torch.allclose`` with ``rtol=1e-4, atol=1e-5`` (both run
+    the same ops, an exported graph in decomposed form). Exceptions of ``model`` propagate."""
+    expected = _outputs(reference, example_inputs, training)
+    got = _outputs(model, example_inputs, training)
+    same = len(got) == len(expected) and all(
+        a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
+        for a, b in zip(got, expected))
+    if same:
+        return None
+    diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(got, expected) if a.shape == b.shape]
+    return max(diffs, default=float("nan")) if len(got) == len(expected) else float("nan")
+
+
 def verify(kept: nn.Module, gm: fx.GraphModule, example_inputs: tuple, locked_mode: Optional[bool]) -> None:
-    """Check that ``kept`` computes what ``gm`` computes on ``example_inputs`` (in eval mode, or the mode the graph
-    is locked to; no gradient, buffers and the global RNG restored). Tolerance: ``torch.allclose`` with
-    ``rtol=1e-4, atol=1e-5`` (the two run the same ops, an exported graph in decomposed form).
+    """Check that ``kept`` computes what ``gm`` computes on ``example_inputs`` (:func:`difference`, in eval mode
+    or the mode the graph is locked to).
 
     Raises:
         ModelError: ``kept`` fails or its outputs differ (says by how much, and that ``graph=True`` keeps the graph).
     """
-    training = False if locked_mode is None else locked_mode
-    expected = _outputs(gm, example_inputs, training)
     try:
-        got = _outputs(kept, example_inputs, training)
+        diff = difference(gm, kept, example_inputs, False if locked_mode is None else locked_mode)
     except SeedrandError:
         raise
     except Exception as e:
         raise ModelError(f"the rewritten model, kept as {type(kept).__name__}, fails on the example inputs "
                          f"({type(e).__name__}: {e}); pass graph=True to seedrand.rewrite for the rewritten graph") from e
-    same = len(got) == len(expected) and all(
-        a.shape == b.shape and torch.allclose(a.double(), b.double(), rtol=1e-4, atol=1e-5, equal_nan=True)
-        for a, b in zip(got, expected))
-    if not same:
-        diffs = [(a.double() - b.double()).abs().max().item() for a, b in zip(got, expected) if a.shape == b.shape]
+    if diff is not None:
         raise ModelError(f"the rewritten model, kept as {type(kept).__name__}, does not compute what the rewritten "
-                         f"graph computes on the example inputs (largest difference {max(diffs, default=float('nan')):.3g}); "
+                         f"graph computes on the example inputs (largest difference {diff:.3g}); "
                          "pass graph=True to seedrand.rewrite for the rewritten graph")

@@ -20,7 +20,7 @@ from .kept import transplant, verify
 from .match import Target, resolve
 from .trace import TraceInfo, trace
 
-__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY", "record_of", "graph_of"]
+__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY", "record_of", "kept_record", "graph_of"]
 
 RECORD_KEY = "seedrand"
 _KEPT_RECORD = "_seedrand_record"  # the kept model's instance attribute holding its RewriteRecord
@@ -41,6 +41,8 @@ class RewriteRecord:
         graph: for a kept model, the rewritten graph beside it (sharing its tensors), which garbage collection
             analyses; ``None`` in the graph's own record, and after pickling (``torch.save(model)``): a graph with
             export's guards does not pickle, and ``seedrand.save``/``load`` keep what collection needs.
+        originals: for a kept model, per layer a seedrand module replaced, that layer on the ``meta`` device (no
+            data): what ``seedrand.merge`` rebuilds.
     """
 
     policy: Policy
@@ -49,6 +51,7 @@ class RewriteRecord:
     example_inputs: Optional[tuple] = None
     collections: list[list[int]] = field(default_factory=list)
     graph: Optional[fx.GraphModule] = None
+    originals: dict[str, nn.Module] = field(default_factory=dict)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "graph": None}
@@ -66,6 +69,22 @@ def record_of(model: nn.Module) -> Optional[RewriteRecord]:
     if isinstance(model, fx.GraphModule) and RECORD_KEY in model.meta:
         return model.meta[RECORD_KEY]
     return model.__dict__.get(_KEPT_RECORD)
+
+
+def kept_record(model: nn.Module, what: str) -> RewriteRecord:
+    """The :class:`RewriteRecord` of a kept model (what ``what``, a public function's name, needs).
+
+    Raises:
+        ModelError: ``model`` is a GraphModule (``graph=True``) or a model :func:`rewrite` did not return.
+    """
+    record = record_of(model)
+    if record is None:
+        raise ModelError(f"{what} takes a model seedrand.rewrite returned; this {type(model).__name__} was not "
+                         "rewritten")
+    if isinstance(model, fx.GraphModule) and record.graph is None:
+        raise ModelError(f"{what} takes the kept model (seedrand.rewrite without graph=True), not the rewritten "
+                         "GraphModule of graph=True")
+    return record
 
 
 def graph_of(model: nn.Module) -> Optional[fx.GraphModule]:
@@ -156,7 +175,7 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     if graph:
         return gm
     kept = copy.deepcopy(original)
-    transplant(gm, kept)
+    record.originals = transplant(gm, kept)
     if example_inputs is not None:
         with _cache_off(kept):
             verify(kept, gm, example_inputs, info.locked_mode)
