@@ -111,8 +111,8 @@ def collect_garbage(model: nn.Module, optimizer: Optional[torch.optim.Optimizer]
         A :class:`GarbageReport`.
 
     Raises:
-        SeedrandError: ``model`` was not returned by ``seedrand.rewrite``, was rewritten without example inputs, or
-            is an unpickled kept model (``torch.save(model)`` does not keep the graph; ``seedrand.save``/``load`` do).
+        SeedrandError: ``model`` was not returned by ``seedrand.rewrite`` (a ``DistributedDataParallel`` wrapper:
+            pass ``ddp.module``, then wrap again), was rewritten without example inputs, or is an unpickled kept model (``torch.save(model)`` does not keep the graph; ``seedrand.save``/``load`` do).
         ModelError: the optimizer holds none of the model's parameters, or keeps state seedrand cannot slice
             (LBFGS, flat or factored state); checked before anything changes, so the model is untouched.
     """
@@ -206,6 +206,10 @@ def replay_collections(model: nn.Module, collections: list[list[int]]) -> None:
 
 
 def _record(model: nn.Module):
+    if isinstance(model, nn.parallel.DistributedDataParallel):
+        raise SeedrandError("collect_garbage takes the rewritten model inside DistributedDataParallel: call "
+                            "collect_garbage(ddp.module, optimizer) on every rank, then wrap it again "
+                            "(DDP(ddp.module)): DDP's gradient buckets hold the old sizes")
     record = record_of(model)
     if record is None:
         raise SeedrandError("collect_garbage needs a model returned by seedrand.rewrite")
