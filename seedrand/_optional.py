@@ -12,6 +12,7 @@ __all__ = ["require", "EXTRAS"]
 
 # module -> the extra of pyproject.toml that installs it
 EXTRAS = {"onnx": "onnx", "onnxscript": "onnx", "onnxruntime": "onnx", "transformers": "transformers",
+          "peft": "peft",
           "matplotlib": "demo", "sklearn": "demo"}
 
 

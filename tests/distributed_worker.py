@@ -37,7 +37,7 @@ def gpt2(rank: int, world: int, mode: str) -> dict:
                                        bos_token_id=0, eos_token_id=0, use_cache=False))
     ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(0))
     kept = seedrand.rewrite(model, GPT2_POLICY, (ids,)).train()
-    regenerated = kept.transformer.h[0].mlp.c_fc.weight().double().sum().item()  # before any communication
+    regenerated = kept.transformer.h[0].mlp.c_fc.weight.double().sum().item()  # before any communication
     if mode == "fsdp":
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard

@@ -61,7 +61,7 @@ def test_seed_file_is_a_fraction_of_the_materialized_one_and_weights_are_bit_ide
     assert len(graph.node) > 100 and not any(node.metadata_props or node.doc_string for node in graph.node)
     first = torch.nn.Sequential(gm.get_submodule("0"))  # x = identity rows: the output is W[:, :2].T exactly
     export_onnx(first, torch.eye(256), tmp_path / "w.onnx", weights="seed")
-    assert np.array_equal(run_onnx(tmp_path / "w.onnx", torch.eye(256)), gm.get_submodule("0").weight().T.numpy())
+    assert np.array_equal(run_onnx(tmp_path / "w.onnx", torch.eye(256)), gm.get_submodule("0").weight.T.numpy())
 
 
 def test_unexportable_projection_and_bad_mode_are_clear_errors(tmp_path):

@@ -30,7 +30,7 @@ def stored_dim(name, dim):
 def random_action_tensors(model, inputs, name, dtype):
     """The weight (stored layout) and bias the `random` action regenerates for layer `name`."""
     layer = seedrand.rewrite(model, policy([name], action="random"), inputs, graph=True).get_submodule(name)
-    weight = layer.weight(dtype)
+    weight = layer.regenerate("weight", dtype)
     bias = layer.regenerate("bias", dtype) if "bias" in layer.streams else None
     return (weight.T if name == "proj" else weight), bias
 

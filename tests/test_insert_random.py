@@ -27,7 +27,7 @@ def with_stacks(model, gm, names):
 def manual_stack(stack, h, activation, residual):
     """What the stack must compute, from its layers' materialized weights."""
     for i, layer in enumerate(stack.layers):
-        w = layer.weight(h.dtype)
+        w = layer.regenerate("weight", h.dtype)
         y = torch.nn.functional.linear(h, w) if w.dim() == 2 else torch.nn.functional.conv2d(h, w)
         y = activation(y)
         if residual:

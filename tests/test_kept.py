@@ -134,7 +134,7 @@ def test_gpt2_with_its_default_config_works_as_a_transformers_model():
         assert torch.equal(generated, loop)
         assert not torch.equal(generated, model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0))
     assert kept.num_parameters() < model.num_parameters() and kept.device == torch.device("cpu")
-    assert kept.transformer.h[0].mlp.c_fc.weight().shape == (128, 32)  # regenerated, not stored
+    assert kept.transformer.h[0].mlp.c_fc.weight.shape == (128, 32)  # regenerated, not stored
 
 
 def test_gpt2_kept_model_trains_with_gradient_checkpointing_and_changes_dtype():
@@ -292,3 +292,40 @@ def test_autocast_and_inductor_run_the_kept_model():
     assert autocast.dtype == torch.bfloat16
     torch.testing.assert_close(autocast.float(), expected, rtol=0.05, atol=0.05)
     torch.testing.assert_close(compiled, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_lora_on_regenerated_layers_through_peft_custom_module_mapping():
+    peft = pytest.importorskip("peft")
+    import seedrand.lora
+
+    model = _gpt2_default()
+    ids = torch.randint(1, 64, (2, 6), generator=torch.Generator().manual_seed(10))
+    kept = seedrand.rewrite(model, GPT2_POLICY, (ids,))
+    with torch.no_grad():
+        before = kept(ids).logits
+    config = seedrand.lora.register(peft.LoraConfig(r=2, target_modules=["c_fc"], task_type="CAUSAL_LM"))
+    lora = peft.get_peft_model(kept, config)
+    wrapped = lora.base_model.model.transformer.h[0].mlp.c_fc
+    assert type(wrapped.base_layer).__name__ == "RandomLinear" and wrapped.in_features == 32
+    trainable = {n for n, p in lora.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(ids).logits, before)  # B starts at zero: the model computes what it did
+    optimizer = torch.optim.SGD([p for p in lora.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        optimizer.zero_grad()
+        lora(ids, labels=ids).loss.backward()
+        optimizer.step()
+    with torch.no_grad():
+        assert not torch.allclose(lora(ids).logits, before)  # the adapters of the regenerated layers trained
+    with pytest.raises(ValueError, match="seedrand.merge"):
+        wrapped.merge()
+
+
+def test_vmap_runs_the_kept_model_per_sample():
+    model, tokens = Net().eval(), torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(11))
+    policy = {"version": 1, "seed": 3, "rules": [
+        {"match": {"modules": ["fc1"]}, "random": {}}, {"match": {"modules": ["fc2"]}, "freeze_fraction": {"fraction": 0.5}}]}
+    kept = seedrand.rewrite(model, policy, (tokens,)).eval()
+    per_sample = torch.func.vmap(lambda t: kept(t.unsqueeze(0)).squeeze(0))(tokens)
+    torch.testing.assert_close(per_sample, kept(tokens))

@@ -28,7 +28,7 @@ def materialized_reference(model, gm, conv1d=False):
     ref = copy.deepcopy(model)
     for name, module in randomized(gm).items():
         layer = ref.get_submodule(name)
-        w = module.weight()
+        w = module.weight
         layer.weight.data = w.T.contiguous() if conv1d else w
         if module.bias is not None:
             layer.bias.data = module.bias.detach().clone()
@@ -53,7 +53,7 @@ def test_equals_model_with_materialized_weights_and_trains(zoo_models, name, typ
     for n, m in layers.items():  # per regenerated weight only its seed and a 16-value fingerprint are stored
         assert {k for k in state if k.startswith(f"{n}.weight")} == {f"{n}.weight_seed", f"{n}.weight_fingerprint"}
         assert state[f"{n}.weight_seed"].item() == m.seed
-        assert torch.equal(state[f"{n}.weight_fingerprint"], m.weight().flatten()[:16])
+        assert torch.equal(state[f"{n}.weight_fingerprint"], m.weight.flatten()[:16])
     ref = materialized_reference(model, gm, conv1d)
     with torch.no_grad():
         torch.testing.assert_close(logits(gm(*inputs)), logits(ref(*inputs)), rtol=1e-5, atol=1e-5)
@@ -70,13 +70,13 @@ def test_weights_are_scaled_philox_bit_for_bit_with_linear_default_bounds(zoo_mo
         assert m.seed == philox.derive_seed(7, name, "weight")
         bound = 1 / math.sqrt(m.in_features)  # nn.Linear's default kaiming_uniform(a=sqrt(5)) bound
         u = philox.rand(m.seed, torch.arange(m.in_features * m.out_features))
-        assert torch.equal(m.weight(), ((2.0 * u - 1.0) * bound).reshape(m.out_features, m.in_features))
+        assert torch.equal(m.weight, ((2.0 * u - 1.0) * bound).reshape(m.out_features, m.in_features))
 
 
 def test_frozen_weights_do_not_change_while_biases_train(zoo_models):
     model, inputs = zoo_models["mlp"]
     gm = seedrand.rewrite(model, policy(["Linear"]), inputs, graph=True).train()
-    before = {n: m.weight().clone() for n, m in randomized(gm).items()}
+    before = {n: m.weight.clone() for n, m in randomized(gm).items()}
     biases = {n: m.bias.detach().clone() for n, m in randomized(gm).items()}
     opt = torch.optim.Adam(gm.parameters(), lr=0.1)
     for _ in range(3):
@@ -84,7 +84,7 @@ def test_frozen_weights_do_not_change_while_biases_train(zoo_models):
         gm(*inputs).square().mean().backward()
         opt.step()
     for n, m in randomized(gm).items():
-        assert torch.equal(m.weight(), before[n]) and not torch.equal(m.bias, biases[n])
+        assert torch.equal(m.weight, before[n]) and not torch.equal(m.bias, biases[n])
 
 
 @pytest.mark.parametrize("bias,trainable,regenerated", [("keep", 0, 0), ("zero", 0, 0), ("random", 0, 1),
@@ -149,7 +149,7 @@ def materialized_all_layers(model, gm, dtype):
     ref = copy.deepcopy(model)
     for name in LAYER_NAMES:
         layer, module = ref.get_submodule(name), gm.get_submodule(name)
-        w = module.weight(dtype)
+        w = module.regenerate("weight", dtype)
         if name == "emb":
             w[layer.padding_idx] = 0
         layer.weight.data = w.T.contiguous() if name == "proj" else w
@@ -175,7 +175,7 @@ def test_embedding_rows_are_philox_normal_and_padding_reads_zero():
     emb = gm.get_submodule("emb")
     assert isinstance(emb, RandomEmbedding) and emb.seed == philox.derive_seed(4, "emb", "weight")
     table = philox.randn(emb.seed, torch.arange(20 * 8)).reshape(20, 8)  # nn.Embedding's default N(0, 1)
-    assert torch.equal(emb.weight(), table)
+    assert torch.equal(emb.weight, table)
     rows = emb(ids)
     assert torch.equal(rows[ids != 0], table[ids[ids != 0]]) and not rows[ids == 0].any()
     assert torch.equal(emb.half()(ids), table[ids].half().masked_fill((ids == 0).unsqueeze(-1), 0))
@@ -187,7 +187,7 @@ def test_exported_embeddings(zoo_models):
     gm = seedrand.rewrite(model, {"version": 1, "seed": 3, "rules": [{"match": {"modules": names}, "random": {}}]}, inputs, graph=True)
     ref = copy.deepcopy(model)
     for name in names:
-        layer, w = ref.get_submodule(name), gm.get_submodule(name).weight()
+        layer, w = ref.get_submodule(name), gm.get_submodule(name).weight
         if layer.padding_idx is not None:
             w[layer.padding_idx] = 0
         layer.weight.data = w

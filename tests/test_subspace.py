@@ -135,7 +135,7 @@ def test_theta0_random_is_the_random_actions_init():
         "bias": "random"}}]}, inputs, graph=True)
     for name in ("fc", "conv2"):
         zero = torch.zeros(gm.get_submodule(f"{name}.subspace").rows)
-        assert torch.equal(gm.get_submodule(f"{name}.weight")(zero), ref.get_submodule(name).weight())
+        assert torch.equal(gm.get_submodule(f"{name}.weight")(zero), ref.get_submodule(name).weight)
         assert torch.equal(gm.get_submodule(f"{name}.bias")(zero), ref.get_submodule(name).regenerate("bias"))
     assert "fc.weight.theta0" not in gm.state_dict()
 

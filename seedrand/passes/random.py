@@ -56,17 +56,20 @@ class _RandomLayer(Regenerating):
     def _bias(self, dtype: torch.dtype, device: torch.device) -> Optional[torch.Tensor]:
         return self.regenerate("bias", dtype, device) if "bias" in self.streams else self.bias
 
-    def weight(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The regenerated weight (shape ``weight_shape``), materialized (for inspection and export)."""
-        return self.regenerate("weight", dtype, device)
+    @property
+    def weight(self) -> torch.Tensor:
+        """The regenerated weight (shape ``weight_shape``) materialized in the dtype and on the device the module
+        follows: a new tensor per read, not a parameter (for inspection and for tools that read a layer's
+        ``weight.device``/``dtype``/``shape``; the forward never materializes it). ``regenerate("weight", dtype,
+        device)`` gives it in any dtype and on any device."""
+        return self.regenerate("weight", self.dtype, self.dtype_probe.device)
 
     def merged(self) -> dict[str, Optional[torch.Tensor]]:
         """The replaced layer's ``weight`` (its stored layout: transposed for ``Conv1D``) and ``bias``
         materialized, in the dtype and on the device this module follows (what :func:`seedrand.merge` puts
         back)."""
-        dtype, device = self.dtype, self.dtype_probe.device
-        weight = self.weight(dtype, device)
-        return {"weight": weight.t() if self.transposed else weight, "bias": self._bias(dtype, device)}
+        weight = self.weight
+        return {"weight": weight.t() if self.transposed else weight, "bias": self._bias(weight.dtype, weight.device)}
 
     def extra_repr(self) -> str:
         bias = "random" if "bias" in self.streams else self.bias is not None
@@ -98,7 +101,7 @@ class RandomLinear(_RandomLayer):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = autocast_input(x)
         if plain_torch_ops():  # ONNX export, torch.func.grad
-            y = nn.functional.linear(x, self.weight(x.dtype, x.device))
+            y = nn.functional.linear(x, self.regenerate("weight", x.dtype, x.device))
         else:
             y = regen_matmul(x, self.seed, self.out_features, self.in_features, *self._distribution(), False,
                              self.chunk_bytes)
@@ -130,7 +133,7 @@ class RandomConv(_RandomLayer):
         x = autocast_input(x)
         if plain_torch_ops():  # ONNX export, torch.func.grad
             conv = (nn.functional.conv1d, nn.functional.conv2d, nn.functional.conv3d)[len(self.weight_shape) - 3]
-            y = conv(x, self.weight(x.dtype, x.device), None, self.stride, self.padding, self.dilation, self.groups)
+            y = conv(x, self.regenerate("weight", x.dtype, x.device), None, self.stride, self.padding, self.dilation, self.groups)
         else:
             y = regen_conv(x, self.seed, list(self.weight_shape), *self._distribution(), list(self.stride),
                            list(self.padding), list(self.dilation), self.groups)
