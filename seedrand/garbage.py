@@ -18,7 +18,7 @@ from __future__ import annotations
 import copy
 import functools
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.fx as fx
@@ -29,11 +29,10 @@ from torch.utils.flop_counter import FlopCounterMode
 from .errors import ModelError, SeedrandError, shown
 from .passes.filter_gates import FilterGate
 from .rewriter.channels import ChannelGraph, Ref
-from .passes.layout import conv1d_types
 from .rewriter.kept import share_tensors, verify
 from .rewriter.rewrite import graph_of, record_of
 
-__all__ = ["collect_garbage", "GarbageReport", "replay_collections"]
+__all__ = ["collect_garbage", "GarbageReport", "replay_collections", "register_size_rule", "follow_tensors"]
 
 
 @dataclass
@@ -337,29 +336,82 @@ def _resize(module: nn.Module, old_out: int, *_) -> None:
     proportion: whole groups went)."""
     if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1:
         module.groups = module.groups * module.weight.shape[0] // old_out
-    _follow_tensors(module)
+    follow_tensors(module)
 
 
-def _follow_tensors(module: nn.Module) -> None:
-    """Set the size attributes of a Linear, Conv (groups given), BatchNorm, LayerNorm or transformers ``Conv1D``
-    from its tensors' shapes; other modules are left as they are."""
-    if isinstance(module, nn.Linear):
-        module.out_features, module.in_features = module.weight.shape
-    elif isinstance(module, nn.modules.conv._ConvNd):
-        module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
-    elif isinstance(module, nn.modules.batchnorm._NormBase):
-        module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
-    elif isinstance(module, nn.LayerNorm) and module.weight is not None:
+SizeRule = Callable[[nn.Module], None]
+_SIZE_RULES: dict[Union[type, str], SizeRule] = {}
+
+
+def register_size_rule(layer: Union[type, str], rule: SizeRule) -> None:
+    """Register how the size attributes of a module class follow its tensors after garbage collection shrank them
+    in a kept model (the attributes its own forward reads: ``out_features``, a split size, a head count). A rule
+    applies to subclasses too; the most derived class's rule wins.
+
+    Args:
+        layer: the class, or its qualified name ``"package.module.Class"`` (a rule for an optional library's class
+            then needs no import).
+        rule: ``(module) -> None``, called once per module after its parameters shrank (its children's may not
+            have followed yet: read tensor shapes, not their size attributes).
+
+    Raises nothing. The trial on a copy still decides: where a module's forward does not follow, nothing changes.
+    """
+    _SIZE_RULES[layer] = rule
+
+
+def _size_rule(module: nn.Module) -> Optional[SizeRule]:
+    for cls in type(module).__mro__:
+        rule = _SIZE_RULES.get(cls) or _SIZE_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
+        if rule is not None:
+            return rule
+    return None
+
+
+def follow_tensors(module: nn.Module) -> None:
+    """Set the size attributes of ``module`` from its tensors' shapes by its class's registered rule, if any."""
+    rule = _size_rule(module)
+    if rule is not None:
+        rule(module)
+
+
+def _linear(module: nn.Linear) -> None:
+    module.out_features, module.in_features = module.weight.shape
+
+
+def _conv(module: nn.modules.conv._ConvNd) -> None:  # groups already follow (see _resize, _follow_sizes)
+    module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
+
+
+def _batch_norm(module: nn.modules.batchnorm._NormBase) -> None:
+    module.num_features = (module.weight if module.affine else module.running_mean).shape[0]
+
+
+def _layer_norm(module: nn.LayerNorm) -> None:
+    if module.weight is not None:
         module.normalized_shape = tuple(module.weight.shape)
-    elif isinstance(module, conv1d_types()):
-        module.nf = module.weight.shape[1]
+
+
+def _conv1d(module: nn.Module) -> None:  # transformers' Conv1D stores (in, out)
+    module.nf = module.weight.shape[1]
+
+
+def _gpt2_attention(module: nn.Module) -> None:
+    """GPT-2 splits ``c_attn``'s output (queries, keys, values) by ``split_size``: whole heads went from each."""
+    width = module.q_attn.weight.shape[1] if module.is_cross_attention else module.c_attn.weight.shape[1] // 3
+    module.split_size = module.embed_dim = width
+    module.num_heads = width // module.head_dim
+
+
+_SIZE_RULES.update({nn.Linear: _linear, nn.modules.conv._ConvNd: _conv, nn.modules.batchnorm._NormBase: _batch_norm,
+                    nn.LayerNorm: _layer_norm, "transformers.pytorch_utils.Conv1D": _conv1d,
+                    "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _gpt2_attention})
 
 
 def _follow_sizes(kept: nn.Module) -> None:
-    """:func:`_follow_tensors` on every module of a kept model, whose tensors garbage collection shrank in the
+    """:func:`follow_tensors` on every module of a kept model, whose tensors garbage collection shrank in the
     graph; a grouped convolution's ``groups`` shrink with whole groups (its ``out_channels`` tells the old width)."""
     for module in kept.modules():
         if isinstance(module, nn.modules.conv._ConvNd) and module.groups > 1 and \
                 module.weight.shape[0] != module.out_channels:
             module.groups = module.groups * module.weight.shape[0] // module.out_channels
-        _follow_tensors(module)
+        follow_tensors(module)

@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .errors import ModelError
-from .garbage import _follow_tensors
+from .garbage import follow_tensors
 from .passes.filter_gates import FilterGate
 from .passes.layout import conv1d_types
 from .rewriter.kept import AppliedAfter, difference, is_seedrand_module, top_seedrand_modules
@@ -64,7 +64,7 @@ def _restore_layers(model: nn.Module, record: RewriteRecord) -> None:
             flag = layer._parameters.get(key)
             requires_grad = True if flag is None else flag.requires_grad
             layer._parameters[key] = None if value is None else nn.Parameter(value.detach().clone(), requires_grad)
-        _follow_tensors(layer)
+        follow_tensors(layer)
         layer._forward_hooks.update(current._forward_hooks)
         parent._modules[leaf] = layer
 

@@ -370,10 +370,10 @@ def test_dead_attention_head_is_removed(zoo_models, name):
             gm.get_submodule(gate).theta[start + head * size:start + (head + 1) * size] = -1.0
 
     match = {"types": ["Conv1D"]} if name == "gpt2" else {"types": ["Linear"]}
-    # graph=True: GPT-2's and BERT's attention reshape by their num_heads attributes, which the graph follows
-    report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head, graph=True)
-    per_head = 3 * size if name == "gpt2" else size  # its queries, keys and values go
-    assert all(report.removed[m] == per_head for m in shrunk), report.removed
+    for graph in (True, False):  # the kept model follows: GPT-2's split_size and head count by their size rule
+        report = check_garbage_collection(model, inputs, match=match, kill=kill_values_of_one_head, graph=graph)
+        per_head = 3 * size if name == "gpt2" else size  # its queries, keys and values go
+        assert report.not_applied is None and all(report.removed[m] == per_head for m in shrunk), report.removed
 
 
 def test_rmsnorm_compensated_in_an_exported_graph():
