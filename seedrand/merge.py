@@ -20,7 +20,7 @@ from .errors import ModelError
 from .garbage import follow_tensors
 from .passes.filter_gates import FilterGate
 from .passes.layout import conv1d_types
-from .rewriter.kept import AppliedAfter, difference, is_seedrand_module, top_seedrand_modules
+from .rewriter.kept import AppliedAfter, PerForward, difference, is_seedrand_module, top_seedrand_modules
 from .rewriter.rewrite import RewriteRecord, kept_record, rewrite
 
 __all__ = ["merge", "load_base_state_dict", "BaseLoadReport"]
@@ -102,6 +102,11 @@ def _fold_hooks(model: nn.Module, fold: bool) -> None:
         ModelError: (``fold``) a hook applies an inserted random layer, or a gate follows a module it cannot be
             folded into; the original class has no place for either.
     """
+    for module in model.modules():  # the per-forward caches of subspace's P @ theta_d
+        for hooks in (module._forward_pre_hooks, module._forward_hooks):
+            for key in [k for k, h in hooks.items() if isinstance(getattr(h, "__self__", None), PerForward)]:
+                del hooks[key]
+                module._forward_hooks_always_called.pop(key, None)
     for name, module in model.named_modules():
         for key, hook in list(module._forward_hooks.items()):
             if not isinstance(hook, AppliedAfter):

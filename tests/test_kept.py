@@ -329,3 +329,18 @@ def test_vmap_runs_the_kept_model_per_sample():
     kept = seedrand.rewrite(model, policy, (tokens,)).eval()
     per_sample = torch.func.vmap(lambda t: kept(t.unsqueeze(0)).squeeze(0))(tokens)
     torch.testing.assert_close(per_sample, kept(tokens))
+
+
+def test_a_kept_subspace_model_computes_the_projection_once_per_forward():
+    from seedrand.passes.subspace import SubspaceCoordinates
+
+    model, tokens = Net(), torch.randint(0, 10, (4, 3), generator=torch.Generator().manual_seed(12))
+    kept = seedrand.rewrite(model, _rule(["fc1"], subspace={"dim": 12, "scope": "global"}), (tokens,))
+    (coordinates,) = [m for m in kept.modules() if isinstance(m, SubspaceCoordinates)]
+    calls = []
+    coordinates.register_forward_hook(lambda *_: calls.append(1))
+    kept.train()(tokens).sum().backward()  # the weight and the bias read P @ theta_d
+    assert len(calls) == 1 and coordinates.theta_d.grad is not None
+    kept.fc1.weight  # outside a forward: computed when read
+    assert len(calls) == 2
+    copy.deepcopy(kept)  # nothing of a forward is left behind

@@ -19,7 +19,7 @@ from test_kept import ACTIONS, GPT2_POLICY, Net, _gpt2_default, _rule
 def _plain(model: nn.Module) -> bool:
     """No seedrand module, generated class, computed attribute or hook left."""
     return not any(is_seedrand_module(m) or type(m).__name__.startswith("Seedrand") or m._forward_hooks
-                   for m in model.modules())
+                   or m._forward_pre_hooks for m in model.modules())
 
 
 @pytest.mark.parametrize("action", [a for a in ACTIONS if a != "insert_random"])

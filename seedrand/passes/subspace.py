@@ -87,8 +87,8 @@ class SubspaceTensor(Regenerating):
 
     ``forward(delta)``: ``delta`` ``(D,)`` float32 -> the parameter, ``shape`` and ``dtype``. In the kept model
     (``seedrand.rewrite`` without ``graph=True``) the module's own forward reads the parameter as an attribute:
-    ``forward()`` then computes ``delta`` with the group's :class:`SubspaceCoordinates` given to :meth:`bind_inputs`
-    (once per read: a layer reading weight and bias computes ``P @ theta_d`` twice).
+    ``forward()`` then takes ``delta`` from the callable given to :meth:`bind_inputs` (the group's
+    :class:`SubspaceCoordinates`, through ``seedrand.rewriter.kept.PerForward``: once per forward of the model).
     """
 
     def __init__(self, shape: tuple[int, ...], dtype: torch.dtype, start: int, theta0: Optional[torch.Tensor],
@@ -100,9 +100,10 @@ class SubspaceTensor(Regenerating):
         if theta0 is None:
             self.streams["theta0"] = stream
 
-    def bind_inputs(self, inputs: list[nn.Module]) -> None:
-        """Compute ``delta`` with ``inputs[0]`` (the group's coordinates) when called without it. A plain
-        reference: the coordinates are registered once, where the rule installed them. Raises nothing."""
+    def bind_inputs(self, inputs: list) -> None:
+        """Take ``delta`` from ``inputs[0]()`` (the group's coordinates, or a per-forward cache of them) when called
+        without it. A plain reference: the coordinates are registered once, where the rule installed them. Raises
+        nothing."""
         self.__dict__["_coordinates"] = inputs[0]
 
     def forward(self, delta: Optional[torch.Tensor] = None) -> torch.Tensor:

@@ -29,7 +29,8 @@ from torch.utils import _pytree as pytree
 from ..errors import ModelError, SeedrandError
 from .trace import in_mode
 
-__all__ = ["is_seedrand_module", "top_seedrand_modules", "compute_attribute", "add_module_hidden", "AppliedAfter", "transplant", "share_tensors",
+__all__ = ["is_seedrand_module", "top_seedrand_modules", "compute_attribute", "add_module_hidden", "AppliedAfter",
+           "PerForward", "transplant", "share_tensors",
            "difference", "verify"]
 
 
@@ -144,6 +145,29 @@ class AppliedAfter:
         return self.module(output)
 
 
+class PerForward:
+    """The value of an input-less module (subspace's ``P @ theta_d``) computed once per forward of the model, as the
+    rewritten graph computes it once, however many tensors read it: :meth:`start` and :meth:`stop` are the model's
+    forward pre-hook and (always called) forward hook; outside a forward of the model every call computes anew.
+    Holds no tensor between forwards (the model deep-copies and pickles as before)."""
+
+    def __init__(self, module: nn.Module):
+        self.module, self.active, self.value = module, False, None
+
+    def __call__(self) -> torch.Tensor:
+        if not self.active:
+            return self.module()
+        if self.value is None:
+            self.value = self.module()
+        return self.value
+
+    def start(self, *_) -> None:
+        self.active, self.value = True, None
+
+    def stop(self, *_) -> None:
+        self.active, self.value = False, None
+
+
 def top_seedrand_modules(gm: nn.Module) -> list[tuple[str, nn.Module]]:
     """``(name, module)`` of every seedrand module of ``gm`` that no other seedrand module holds, in module order."""
     found, inside = [], ()
@@ -200,7 +224,7 @@ def transplant(gm: fx.GraphModule, kept: nn.Module) -> dict[str, nn.Module]:
         if node.op == "call_module":
             calls.setdefault(node.target, []).append(node)
     placed = [(name, module, *_placement(kept, name)) for name, module in top_seedrand_modules(gm)]
-    originals = {}
+    originals, shared = {}, {}
     for name, module, parent, leaf, kind in placed:  # replaced modules first: computed tensors and hooks read them
         if kind == "module":
             originals[name] = copy.deepcopy(parent._modules[leaf]).to("meta")
@@ -215,8 +239,8 @@ def transplant(gm: fx.GraphModule, kept: nn.Module) -> dict[str, nn.Module]:
                     not isinstance(a, fx.Node) or a.op != "call_module" or a.args for a in args):
                 raise ModelError(f"the rewritten graph computes {name} from other values; the kept model cannot "
                                  "read it as an attribute: pass graph=True to seedrand.rewrite")
-            if args:  # reads values computed once per forward (subspace's P @ theta_d): it calls their modules
-                module.bind_inputs([kept.get_submodule(a.target) for a in args])
+            if args:  # reads values computed once per forward (subspace's P @ theta_d)
+                module.bind_inputs([_per_forward(kept, a.target, shared) for a in args])
             compute_attribute(parent, leaf, module)
         elif kind == "new" and any(n.args for n in calls.get(name, [])):
             add_module_hidden(parent, leaf, module)
@@ -224,6 +248,15 @@ def transplant(gm: fx.GraphModule, kept: nn.Module) -> dict[str, nn.Module]:
                 kept.get_submodule(owner).register_forward_hook(AppliedAfter(module))
     share_tensors(gm, kept)
     return originals
+
+
+def _per_forward(kept: nn.Module, name: str, shared: dict[str, PerForward]) -> PerForward:
+    """The one :class:`PerForward` of module ``name`` of ``kept``, its hooks registered on ``kept``."""
+    if name not in shared:
+        shared[name] = cache = PerForward(kept.get_submodule(name))
+        kept.register_forward_pre_hook(cache.start)
+        kept.register_forward_hook(cache.stop, always_call=True)
+    return shared[name]
 
 
 def _tensors(tree: nn.Module):
