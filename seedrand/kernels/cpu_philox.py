@@ -6,8 +6,10 @@ The reference spends most of its time allocating int64 temporaries (about 6 M va
 thread runs the ten rounds in registers on chunks of counters, 32x32-bit products as 64-bit multiplies of
 zero-extended words (``vpmuludq`` on AVX2), and writes only the result. A range of consecutive elements costs one
 block per four elements (uniforms: sixteen blocks at a time in LLVM vector IR, converted and transposed to stream
-order in registers); arbitrary offsets one block each. Box-Muller for normals stays in torch
-on these uniforms, so ``randn`` is bit-identical to the reference too.
+order in registers); arbitrary offsets one block each. Normals (:func:`randn`) apply Box-Muller to those uniforms in
+loops LLVM vectorizes (``log``, ``sin``, ``cos`` as float64 polynomials, rounded to float32 where the reference
+rounds), so they are within one float32 rounding of the torch reference's ``log``/``sin``/``cos`` (at most 7.2e-7
+apart over 4 M values; uniform and integer words stay bit-identical).
 
 :func:`usable` says when this path applies: CPU tensors of plain type (not fake or functional tensors) outside
 ``torch.compile`` tracing and ONNX export, which must see the torch ops.
@@ -25,7 +27,7 @@ from numba.extending import intrinsic
 
 from .dispatch import is_functorch_wrapped_tensor
 
-__all__ = ["usable", "randint", "rand", "symmetric_uniform", "covering_blocks"]
+__all__ = ["usable", "randint", "rand", "randn", "symmetric_uniform", "covering_blocks"]
 
 _A = np.uint64(0xD2511F53)
 _B = np.uint64(0xCD9E8D57)
@@ -205,6 +207,114 @@ def _randint_at(keys, offsets, out):
         out[i] = np.int64(_word(np.uint64(offsets[i]), keys))
 
 
+# Box-Muller of the reference (philox.randn): the float32 angle factor and the clamp of u
+_TWO_PI = np.float32(6.283185307179586)
+_TINY = np.float32(1.0e-7)
+_MINUS_TWO = np.float32(-2.0)
+_LN2, _SQRT2 = 0.6931471805599453, 1.4142135623730951
+_PI_2, _2_PI = 1.5707963267948966, 0.6366197723675814
+_PAIRS = 2048  # pairs per task: their temporaries stay in L1/L2
+_TO_UNIT_F32, _ZERO_F32, _ONE_F32 = np.float32(_TO_UNIT), np.float32(0.0), np.float32(1.0)  # rand's affine map
+
+
+@njit(inline="always", error_model="numpy")
+def _log(mantissa: np.float32, exponent: np.int32) -> float:
+    """``log(mantissa * 2**exponent)`` in float64 for ``mantissa`` in ``[1, 2)``: ``2 atanh(s)``, ``s = f / (2 + f)``
+    after folding the mantissa into ``[sqrt(1/2), sqrt(2))`` (``|s| < 0.172``: seven terms leave < 1e-9 relative)."""
+    m, e = np.float64(mantissa), np.float64(exponent)
+    big = m > _SQRT2
+    m = m * 0.5 if big else m
+    e = e + 1.0 if big else e
+    f = m - 1.0
+    s = f / (2.0 + f)
+    z = s * s
+    series = 2.0 + z * (2 / 3 + z * (2 / 5 + z * (2 / 7 + z * (2 / 9 + z * (2 / 11 + z * (2 / 13))))))
+    return e * _LN2 + s * series
+
+
+@njit(inline="always", error_model="numpy")
+def _sin_cos(theta: float) -> tuple[float, float]:
+    """``(sin, cos)`` of ``theta`` in ``[0, 2 pi)``, float64: reduced by the nearest multiple ``q`` of ``pi / 2`` to
+    ``|x| <= pi / 4``, Taylor series to the 13th/14th power (< 1e-13), the quadrant applied by selects."""
+    q = np.int32(theta * _2_PI + 0.5)
+    x = theta - np.float64(q) * _PI_2
+    z = x * x
+    sin = x * (1.0 + z * (-1 / 6 + z * (1 / 120 + z * (-1 / 5040 + z * (1 / 362880 + z * (
+        -1 / 39916800 + z * (1 / 6227020800)))))))
+    cos = 1.0 + z * (-0.5 + z * (1 / 24 + z * (-1 / 720 + z * (1 / 40320 + z * (-1 / 3628800 + z * (
+        1 / 479001600 + z * (-1 / 87178291200)))))))
+    a, b = (cos, sin) if (q & 1) == 1 else (sin, cos)
+    return (-a if (q & 2) == 2 else a), (-b if ((q + 1) & 2) == 2 else b)
+
+
+@njit(inline="always", error_model="numpy")
+def _split(u, mantissa, exponent, n):
+    """Mantissa (as float32 bits in ``[1, 2)``) and exponent of the float32s ``u[:n]``, by integer ops on their bits."""
+    bits = u.view(np.int32)
+    for i in range(n):
+        mantissa[i] = (bits[i] & 0x7FFFFF) | 0x3F800000
+        exponent[i] = (bits[i] >> 23) - 127
+
+
+@njit(inline="always", error_model="numpy")
+def _polar(mantissa, exponent, v):
+    """``(r cos(2 pi v), r sin(2 pi v))`` in float32, ``r = sqrt(-2 log u)`` for ``u = mantissa * 2**exponent``:
+    float32 where the reference rounds (``log``, ``-2 log``, ``sqrt``, the angle, the products)."""
+    r = np.float32(np.sqrt(_MINUS_TWO * np.float32(_log(mantissa, exponent))))
+    sin, cos = _sin_cos(np.float64(_TWO_PI * v))
+    return r * np.float32(cos), r * np.float32(sin)
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _box_muller(u_in, v_in, cos_out, sin_out):
+    """``r cos(2 pi v)`` and ``r sin(2 pi v)``, ``r = sqrt(-2 log max(1e-7, u))``, per element of the float32
+    arrays ``u_in``, ``v_in`` (any strides), into ``cos_out``, ``sin_out``. Per task, contiguous copies first, so
+    that the main loop is contiguous, branch-free and vectorized."""
+    n = u_in.shape[0]
+    for task in prange((n + _PAIRS - 1) // _PAIRS):
+        lo = task * _PAIRS
+        k = min(n, lo + _PAIRS) - lo
+        u, v, c, s = (np.empty(_PAIRS, np.float32), np.empty(_PAIRS, np.float32), np.empty(_PAIRS, np.float32),
+                      np.empty(_PAIRS, np.float32))
+        mantissa, exponent = np.empty(_PAIRS, np.int32), np.empty(_PAIRS, np.int32)
+        for i in range(k):
+            u[i] = max(u_in[lo + i], _TINY)
+            v[i] = v_in[lo + i]
+        _split(u, mantissa, exponent, k)
+        m = mantissa.view(np.float32)
+        for i in range(k):
+            c[i], s[i] = _polar(m[i], exponent[i], v[i])
+        for i in range(k):
+            cos_out[lo + i] = c[i]
+            sin_out[lo + i] = s[i]
+
+
+@njit(parallel=True, cache=True, error_model="numpy")
+def _normal_at(keys, offsets, out):
+    """The normal of each element ``offsets[i]``: its pair's uniforms are words 0, 1 or 2, 3 of one Philox block
+    (``offset >> 2``), so one block per element; then Box-Muller as :func:`_box_muller`, keeping the cosine of an
+    even element and the sine of an odd one."""
+    n = offsets.shape[0]
+    for task in prange((n + _PAIRS - 1) // _PAIRS):
+        lo = task * _PAIRS
+        k = min(n, lo + _PAIRS) - lo
+        u, v = np.empty(_PAIRS, np.float32), np.empty(_PAIRS, np.float32)
+        odd, mantissa, exponent = (np.empty(_PAIRS, np.int32), np.empty(_PAIRS, np.int32),
+                                   np.empty(_PAIRS, np.int32))
+        for i in range(k):
+            offset = np.uint64(offsets[lo + i])
+            c0, c1, c2, c3 = _block(offset >> np.uint64(2), keys)
+            high = (offset & np.uint64(2)) != 0
+            u[i] = max(_affine(c2 if high else c0, _TO_UNIT_F32, _ZERO_F32, _ONE_F32), _TINY)
+            v[i] = _affine(c3 if high else c1, _TO_UNIT_F32, _ZERO_F32, _ONE_F32)
+            odd[i] = np.int32(offset & np.uint64(1))
+        _split(u, mantissa, exponent, k)
+        m = mantissa.view(np.float32)
+        for i in range(k):
+            cos, sin = _polar(m[i], exponent[i], v[i])
+            out[lo + i] = sin if odd[i] == 1 else cos
+
+
 @functools.lru_cache(maxsize=256)
 def _round_keys(key64: int) -> np.ndarray:
     """The 20 round keys of ``key64`` (uint32, read-only; cached: a layer asks for the same key block after block)."""
@@ -257,11 +367,25 @@ def symmetric_uniform(key64: int, offsets: torch.Tensor | range, scale: float) -
 
 def rand(key64: int, offsets: torch.Tensor | range) -> torch.Tensor:
     """Triton's uniform float32 of each element's word (``philox.rand``); arguments as :func:`symmetric_uniform`."""
-    params = np.float32(_TO_UNIT), np.float32(0.0), np.float32(1.0)
-    return _fill(key64, offsets, np.float32, _uniform_blocks, _uniform_at, *params)
+    return _fill(key64, offsets, np.float32, _uniform_blocks, _uniform_at, _TO_UNIT_F32, _ZERO_F32, _ONE_F32)
 
 
 def randint(key64: int, offsets: torch.Tensor | range) -> torch.Tensor:
     """Each element's Philox word as int64 in ``[0, 2**32)`` (``philox.randint``); arguments as
     :func:`symmetric_uniform`."""
     return _fill(key64, offsets, np.int64, _randint_blocks, _randint_at)
+
+
+def randn(key64: int, offsets: torch.Tensor | range) -> torch.Tensor:
+    """Triton's standard normal of each element (``philox.randn``): elements ``2j`` and ``2j + 1`` are
+    ``r cos(2 pi v)`` and ``r sin(2 pi v)`` of the uniforms ``u = rand(2j)``, ``v = rand(2j + 1)``, by
+    :func:`_box_muller` (one float32 rounding from the torch reference; a range and its offsets give the same bits).
+    Arguments as :func:`symmetric_uniform` (a range generates the pairs covering it). Returns float32 shaped like
+    ``offsets``."""
+    if isinstance(offsets, range):
+        base, stop = offsets.start & ~1, max(offsets.start, offsets.stop + 1) & ~1
+        uv = rand(key64, range(base, stop)).numpy()
+        out = np.empty(stop - base, np.float32)
+        _box_muller(uv[0::2], uv[1::2], out[0::2], out[1::2])
+        return torch.from_numpy(out[offsets.start - base:offsets.stop - base])
+    return _fill(key64, offsets, np.float32, None, _normal_at)

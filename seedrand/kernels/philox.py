@@ -202,10 +202,13 @@ def randn(seed: int, offsets: torch.Tensor | range) -> torch.Tensor:
     uniforms. Elements ``2j`` and ``2j + 1`` share the uniforms ``u = rand(2j)``, ``v = rand(2j + 1)``:
     ``r = sqrt(-2 log max(1e-7, u))``, element ``2j`` is ``r cos(2 pi v)``, element ``2j + 1`` is ``r sin(2 pi v)``.
 
-    Matches Triton within about 1e-6 (libm's ``log``/``cos``/``sin`` may differ in the last bit). Args and errors as
-    :func:`randint`. Returns a float32 tensor of ``offsets.shape``.
+    Matches Triton within about 1e-6 (libm's ``log``/``cos``/``sin`` may differ in the last bit), as the CPU path
+    (:func:`seedrand.kernels.cpu_philox.randn`: vectorized polynomials, one float32 rounding from these torch ops)
+    does. Args and errors as :func:`randint`. Returns a float32 tensor of ``offsets.shape``.
     """
     off = check_offsets(offsets)
+    if cpu_philox.usable(off):
+        return cpu_philox.randn(check_seed(seed), off)
     if isinstance(off, range):  # uniforms of the covering pairs, one Box-Muller per pair
         base = off.start & ~1
         pairs = rand(seed, range(base, max(base, off.stop + 1) & ~1)).reshape(-1, 2)
