@@ -22,11 +22,10 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .checkpoint import load, save
     from .ensemble import Ensemble, ensemble
     from .export import export_onnx
-    from .garbage import collect_garbage
+    from .garbage import collect_garbage, drop_inactive
     from .intrinsic import intrinsic_dimension
     from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
-    from .passes.grow import drop_inactive
     from .policy import Policy, load_policy
     from .rewriter import rewrite
     from .scheduler import CapacityScheduler
@@ -43,7 +42,7 @@ _LAZY = {
     "intrinsic_dimension": ".intrinsic",
     "merge": ".merge", "load_base_state_dict": ".merge",
     "gate_parameters": ".passes.filter_gates", "penalty": ".passes.filter_gates",
-    "drop_inactive": ".passes.grow",
+    "drop_inactive": ".garbage",
     "Policy": ".policy", "load_policy": ".policy",
     "rewrite": ".rewriter",
     "CapacityScheduler": ".scheduler",

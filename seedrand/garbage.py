@@ -28,11 +28,12 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ModelError, SeedrandError, shown
 from .passes.filter_gates import FilterGate
+from .passes.grow import GrowingSlices
 from .rewriter.channels import ChannelGraph, Ref
 from .rewriter.kept import share_tensors, verify
 from .rewriter.rewrite import graph_of, record_of
 
-__all__ = ["collect_garbage", "GarbageReport", "replay_collections", "register_size_rule", "follow_tensors"]
+__all__ = ["collect_garbage", "drop_inactive", "GarbageReport", "replay_collections", "register_size_rule", "follow_tensors"]
 
 
 @dataclass
@@ -415,3 +416,33 @@ def _follow_sizes(kept: nn.Module) -> None:
                 module.weight.shape[0] != module.out_channels:
             module.groups = module.groups * module.weight.shape[0] // module.out_channels
         follow_tensors(module)
+
+
+def drop_inactive(model: fx.GraphModule, explain: bool = False) -> tuple[fx.GraphModule, GarbageReport]:
+    """A copy of ``model`` for inference with the inactive units of grown layers removed: every
+    :class:`GrowingSlices` becomes one plain, frozen parameter holding the assembled tensor, then
+    :func:`seedrand.collect_garbage` drops the zero units (a zero row with zero bias whose activation keeps 0, or
+    inputs whose weights are zero) through the channel dependency graph, consumers included.
+
+    Args:
+        model: a GraphModule from :func:`seedrand.rewrite` with ``grow`` rules, rewritten with example inputs
+            (shapes are propagated with them); never modified.
+        explain: passed to ``collect_garbage`` (reasons for units that could not be removed).
+
+    Returns:
+        ``(pruned copy, collect_garbage report)``; outputs equal ``model``'s.
+
+    Raises:
+        SeedrandError: ``model`` was not rewritten by ``seedrand.rewrite`` with example inputs.
+    """
+    gm = copy.deepcopy(model)
+    for name, module in list(gm.named_modules()):
+        if isinstance(module, GrowingSlices):
+            calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
+            owner, _, leaf = name.rpartition(".")
+            delattr(gm.get_submodule(owner), leaf)
+            gm.get_submodule(owner).register_parameter(leaf, nn.Parameter(module().detach(), requires_grad=False))
+            for node in calls:
+                node.op = "get_attr"
+    gm.recompile()
+    return gm, collect_garbage(gm, explain=explain)

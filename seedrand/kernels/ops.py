@@ -18,6 +18,7 @@ import math
 import torch
 
 from .init import sample
+from .shapes import frozen_weight_shape
 
 __all__ = ["regen_matmul", "regen_matmul_reference", "frozen_matmul", "frozen_matmul_reference", "frozen_weight",
            "frozen_weight_shape", "regen_conv", "register_transposed_autograd", "DEFAULT_CHUNK_BYTES",
@@ -161,15 +162,6 @@ def register_transposed_autograd(op, transpose_at: int) -> None:
 
 
 register_transposed_autograd(regen_matmul, 6)
-
-
-def frozen_weight_shape(trainable: torch.Tensor, source: torch.Tensor,
-                        trained_dim: int) -> tuple[int, int]:
-    """``(out_features, in_features)`` of the weight of :func:`frozen_matmul`: ``trainable``'s shape with
-    ``source``'s length along ``trained_dim`` (arguments as :func:`frozen_matmul`; shapes only, no data read)."""
-    shape = [trainable.shape[0], trainable.shape[1]]
-    shape[trained_dim] = source.shape[0]
-    return shape[0], shape[1]
 
 
 def _frozen_rows(trainable: torch.Tensor, source: torch.Tensor, trained: torch.Tensor, trained_dim: int, seed: int,

@@ -38,7 +38,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .ops import frozen_weight_shape
+from .shapes import frozen_weight_shape
 from .triton_philox import interleave, stream_blocks, stream_element
 
 __all__ = ["triton_regen_matmul", "triton_frozen_matmul", "triton_project", "triton_regen_weight", "split_k"]

@@ -23,8 +23,7 @@ inference.
 
 from __future__ import annotations
 
-import copy
-from typing import TYPE_CHECKING, Optional
+from typing import Optional
 
 import torch
 import torch.fx as fx
@@ -35,10 +34,7 @@ from ..rewriter.match import Target
 from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Stream
 
-if TYPE_CHECKING:  # garbage imports this module
-    from ..garbage import GarbageReport
-
-__all__ = ["GrowingSlices", "grow", "stage_bounds", "drop_inactive"]
+__all__ = ["GrowingSlices", "grow", "stage_bounds"]
 
 
 def stage_bounds(n: int, stages: int) -> list[tuple[int, int]]:
@@ -180,35 +176,3 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
     if bias is not None:
         replaced["bias"] = GrowingSlices(bias, 0, init=lay.stream(target, "bias"), **settings)
     substitute_weight(gm, target, replaced)
-
-
-def drop_inactive(model: fx.GraphModule, explain: bool = False) -> tuple[fx.GraphModule, GarbageReport]:
-    """A copy of ``model`` for inference with the inactive units of grown layers removed: every
-    :class:`GrowingSlices` becomes one plain, frozen parameter holding the assembled tensor, then
-    :func:`seedrand.collect_garbage` drops the zero units (a zero row with zero bias whose activation keeps 0, or
-    inputs whose weights are zero) through the channel dependency graph, consumers included.
-
-    Args:
-        model: a GraphModule from :func:`seedrand.rewrite` with ``grow`` rules, rewritten with example inputs
-            (shapes are propagated with them); never modified.
-        explain: passed to ``collect_garbage`` (reasons for units that could not be removed).
-
-    Returns:
-        ``(pruned copy, collect_garbage report)``; outputs equal ``model``'s.
-
-    Raises:
-        SeedrandError: ``model`` was not rewritten by ``seedrand.rewrite`` with example inputs.
-    """
-    from ..garbage import collect_garbage
-
-    gm = copy.deepcopy(model)
-    for name, module in list(gm.named_modules()):
-        if isinstance(module, GrowingSlices):
-            calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == name]
-            owner, _, leaf = name.rpartition(".")
-            delattr(gm.get_submodule(owner), leaf)
-            gm.get_submodule(owner).register_parameter(leaf, nn.Parameter(module().detach(), requires_grad=False))
-            for node in calls:
-                node.op = "get_attr"
-    gm.recompile()
-    return gm, collect_garbage(gm, explain=explain)
