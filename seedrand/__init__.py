@@ -27,7 +27,7 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
     from .policy import Policy, load_policy
-    from .rewriter import rewrite
+    from .rewriter.rewrite import rewrite
     from .scheduler import CapacityScheduler
     from .summary import summary
 
@@ -44,7 +44,7 @@ _LAZY = {
     "gate_parameters": ".passes.filter_gates", "penalty": ".passes.filter_gates",
     "drop_inactive": ".garbage",
     "Policy": ".policy", "load_policy": ".policy",
-    "rewrite": ".rewriter",
+    "rewrite": ".rewriter.rewrite",
     "CapacityScheduler": ".scheduler",
     "summary": ".summary",
 }

@@ -74,7 +74,8 @@ def _captured_parameters(gm: fx.GraphModule, example_inputs: list) -> dict[str, 
 
 def _apply_policy(gm: fx.GraphModule, example_inputs: list, policy: Any) -> fx.GraphModule:
     from .passes import CAPTURED_PASSES
-    from .rewriter import as_policy, resolve
+    from .rewriter.match import resolve
+    from .rewriter.rewrite import as_policy
 
     policy = as_policy(policy)
     for rule in policy.rules:

@@ -89,10 +89,11 @@ def main() -> None:
     dist.init_process_group("gloo", init_method=f"file://{init}", rank=rank, world_size=world)
     try:
         result = gc(rank, world) if mode == "gc" else gpt2(rank, world, mode)
+        with open(f"{out}/rank{rank}.json", "w") as f:
+            json.dump(result, f)
+        dist.barrier()  # no rank tears gloo down while its peer still has collectives in flight
     finally:
         dist.destroy_process_group()
-    with open(f"{out}/rank{rank}.json", "w") as f:
-        json.dump(result, f)
 
 
 if __name__ == "__main__":

@@ -7,6 +7,8 @@ import sys
 import textwrap
 from pathlib import Path
 
+import pytest
+
 PACKAGE = Path(__file__).resolve().parents[1] / "seedrand"
 OPTIONAL = ("onnx", "onnxscript", "onnxruntime", "transformers", "matplotlib", "sklearn", "peft")
 
@@ -19,15 +21,16 @@ def _modules() -> dict[str, Path]:
     return found
 
 
-def _import_time_targets(name: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The package modules ``name`` imports when it is imported: module-level statements (not function bodies, not
-    ``if TYPE_CHECKING``), with the packages above each target (their ``__init__`` runs first)."""
+def _targets(name: str, path: Path, modules: dict[str, Path], lazy: bool) -> set[str]:
+    """The package modules ``name`` imports, with the packages above each target (their ``__init__`` runs first):
+    at import time (module-level statements, not ``if TYPE_CHECKING``), and with ``lazy`` in function bodies too."""
     package = name if path.name == "__init__.py" else name.rpartition(".")[0]
     targets = set()
     for statement in ast.parse(path.read_text()).body:
         if isinstance(statement, ast.If) and "TYPE_CHECKING" in ast.unparse(statement.test):
             continue
-        for node in ast.walk(statement) if isinstance(statement, (ast.If, ast.Try)) else [statement]:
+        nested = lazy or isinstance(statement, (ast.If, ast.Try))
+        for node in ast.walk(statement) if nested else [statement]:
             if isinstance(node, ast.ImportFrom):
                 base = package
                 for _ in range(node.level - 1):
@@ -40,9 +43,12 @@ def _import_time_targets(name: str, path: Path, modules: dict[str, Path]) -> set
     return {t for t in closed if t in modules and t != name and not name.startswith(f"{t}.")}
 
 
-def test_module_level_imports_form_no_cycle():
+@pytest.mark.parametrize("lazy", [False, True], ids=["import time", "with function-level imports"])
+def test_imports_form_no_cycle(lazy):
+    """No cycle among the modules, at import time nor counting the imports functions make when they run: the
+    layers (kernels, policy, rewriter helpers, passes, driver, garbage collection, API) only import downwards."""
     modules = _modules()
-    graph = {name: _import_time_targets(name, path, modules) for name, path in modules.items()}
+    graph = {name: _targets(name, path, modules, lazy) for name, path in modules.items()}
     done, path = set(), []
 
     def visit(name):

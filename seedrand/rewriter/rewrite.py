@@ -15,6 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ModelError, PolicyError
+from ..passes import CHECKS, PASSES
 from ..policy import Policy, load_policy
 from .kept import transplant, verify
 from .match import Target, resolve
@@ -153,8 +154,6 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         ModelError: (kept model) a seedrand module has no place in the model's tree, or the kept model's outputs
             differ from the graph's on the example inputs; ``graph=True`` gives the graph.
     """
-    from ..passes import CHECKS, PASSES  # passes import the rewriter's helpers
-
     policy = as_policy(policy)
     example_inputs = _check_arguments(model, example_inputs)
     original, model = model, copy.deepcopy(model)
