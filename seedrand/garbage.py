@@ -369,7 +369,8 @@ def _size_rule(module: nn.Module) -> Optional[SizeRule]:
 
 
 def follow_tensors(module: nn.Module) -> None:
-    """Set the size attributes of ``module`` from its tensors' shapes by its class's registered rule, if any."""
+    """Set the size attributes of ``module`` (``out_features``, ``num_features``, a head count) from its tensors'
+    shapes by its class's rule (:func:`register_size_rule`), if it has one. Raises nothing of its own."""
     rule = _size_rule(module)
     if rule is not None:
         rule(module)
