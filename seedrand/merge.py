@@ -21,7 +21,7 @@ from .garbage import follow_tensors
 from .passes.filter_gates import FilterGate
 from .passes.layout import conv1d_types
 from .rewriter.kept import AppliedAfter, PerForward, difference, is_seedrand_module, top_seedrand_modules
-from .rewriter.rewrite import RewriteRecord, kept_record, rewrite
+from .rewriter.rewrite import KEPT_RECORD_KEY, RewriteRecord, kept_record, rewrite
 
 __all__ = ["merge", "load_base_state_dict", "BaseLoadReport"]
 
@@ -30,7 +30,7 @@ def _copy_without_record(model: nn.Module, what: str) -> tuple[nn.Module, Rewrit
     """A deep copy of the kept ``model`` without its record (and the graph in it), and the record."""
     record = kept_record(model, what)
     copied = copy.deepcopy(model, {id(record): None})
-    copied.__dict__.pop("_seedrand_record", None)
+    copied.__dict__.pop(KEPT_RECORD_KEY, None)
     return copied, record
 
 

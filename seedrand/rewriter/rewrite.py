@@ -21,10 +21,10 @@ from .kept import transplant, verify
 from .match import Target, resolve
 from .trace import TraceInfo, trace
 
-__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY", "record_of", "kept_record", "graph_of"]
+__all__ = ["rewrite", "as_policy", "RewriteRecord", "RECORD_KEY", "KEPT_RECORD_KEY", "record_of", "kept_record", "graph_of"]
 
 RECORD_KEY = "seedrand"
-_KEPT_RECORD = "_seedrand_record"  # the kept model's instance attribute holding its RewriteRecord
+KEPT_RECORD_KEY = "_seedrand_record"  # the kept model's instance attribute holding its RewriteRecord
 
 
 @dataclass
@@ -69,7 +69,7 @@ def record_of(model: nn.Module) -> Optional[RewriteRecord]:
     """The :class:`RewriteRecord` of a model :func:`rewrite` returned (kept model or graph), else ``None``."""
     if isinstance(model, fx.GraphModule) and RECORD_KEY in model.meta:
         return model.meta[RECORD_KEY]
-    return model.__dict__.get(_KEPT_RECORD)
+    return model.__dict__.get(KEPT_RECORD_KEY)
 
 
 def kept_record(model: nn.Module, what: str) -> RewriteRecord:
@@ -179,7 +179,7 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         with _cache_off(kept):
             verify(kept, gm, example_inputs, info.locked_mode)
     record.graph = gm
-    kept.__dict__[_KEPT_RECORD] = record
+    kept.__dict__[KEPT_RECORD_KEY] = record
     return kept
 
 
