@@ -3,7 +3,8 @@ regenerated from Philox seeds, filter gates, subspace training) to existing PyTo
 
 Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`,
 :func:`export_onnx`, :func:`intrinsic_dimension`, :func:`penalty`, :func:`gate_parameters`, :func:`collect_garbage`,
-:class:`CapacityScheduler` and :func:`drop_inactive` (``grow``), :func:`ensemble`; errors in
+:class:`CapacityScheduler` and :func:`drop_inactive` (``grow``), :func:`ensemble`, :func:`register_layer` and
+:class:`LayerSpec` (a layer class of one's own); errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
 
 Names are imported on first use (PEP 562), so ``import seedrand`` and ``seedrand --help`` do not import torch.
@@ -24,6 +25,7 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .export import export_onnx
     from .garbage import collect_garbage, drop_inactive
     from .intrinsic import intrinsic_dimension
+    from .layers import LayerSpec, register_layer
     from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
     from .policy import Policy, load_policy
@@ -40,6 +42,7 @@ _LAZY = {
     "export_onnx": ".export",
     "collect_garbage": ".garbage",
     "intrinsic_dimension": ".intrinsic",
+    "LayerSpec": ".layers", "register_layer": ".layers",
     "merge": ".merge", "load_base_state_dict": ".merge",
     "gate_parameters": ".passes.filter_gates", "penalty": ".passes.filter_gates",
     "drop_inactive": ".garbage",
@@ -51,7 +54,7 @@ _LAZY = {
 
 __all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "merge", "load_base_state_dict", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
-           "Ensemble", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
+           "Ensemble", "register_layer", "LayerSpec", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
 
 
 class _Package(types.ModuleType):

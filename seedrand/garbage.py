@@ -27,6 +27,7 @@ from torch.fx.passes.shape_prop import ShapeProp
 from torch.utils.flop_counter import FlopCounterMode
 
 from .errors import ModelError, SeedrandError, shown
+from .layers import layer_spec, mro_lookup
 from .passes.filter_gates import FilterGate
 from .passes.grow import GrowingSlices
 from .rewriter.channels import ChannelGraph, Ref
@@ -346,8 +347,9 @@ _SIZE_RULES: dict[Union[type, str], SizeRule] = {}
 
 def register_size_rule(layer: Union[type, str], rule: SizeRule) -> None:
     """Register how the size attributes of a module class follow its tensors after garbage collection shrank them
-    in a kept model (the attributes its own forward reads: ``out_features``, a split size, a head count). A rule
-    applies to subclasses too; the most derived class's rule wins.
+    in a kept model (the attributes its own forward reads: a split size, a head count). A rule applies to
+    subclasses too; the most derived class's rule wins. A registered layer's own sizes follow by its
+    :class:`~seedrand.layers.LayerSpec` (``resize``); a size rule registered for the same class replaces that.
 
     Args:
         layer: the class, or its qualified name ``"package.module.Class"`` (a rule for an optional library's class
@@ -361,11 +363,9 @@ def register_size_rule(layer: Union[type, str], rule: SizeRule) -> None:
 
 
 def _size_rule(module: nn.Module) -> Optional[SizeRule]:
-    for cls in type(module).__mro__:
-        rule = _SIZE_RULES.get(cls) or _SIZE_RULES.get(f"{cls.__module__}.{cls.__qualname__}")
-        if rule is not None:
-            return rule
-    return None
+    rule = mro_lookup(_SIZE_RULES, type(module))
+    spec = layer_spec(type(module))
+    return rule or (spec.follow if spec is not None else None)
 
 
 def follow_tensors(module: nn.Module) -> None:
@@ -374,14 +374,6 @@ def follow_tensors(module: nn.Module) -> None:
     rule = _size_rule(module)
     if rule is not None:
         rule(module)
-
-
-def _linear(module: nn.Linear) -> None:
-    module.out_features, module.in_features = module.weight.shape
-
-
-def _conv(module: nn.modules.conv._ConvNd) -> None:  # groups already follow (see _resize, _follow_sizes)
-    module.out_channels, module.in_channels = module.weight.shape[0], module.weight.shape[1] * module.groups
 
 
 def _batch_norm(module: nn.modules.batchnorm._NormBase) -> None:
@@ -393,10 +385,6 @@ def _layer_norm(module: nn.LayerNorm) -> None:
         module.normalized_shape = tuple(module.weight.shape)
 
 
-def _conv1d(module: nn.Module) -> None:  # transformers' Conv1D stores (in, out)
-    module.nf = module.weight.shape[1]
-
-
 def _gpt2_attention(module: nn.Module) -> None:
     """GPT-2 splits ``c_attn``'s output (queries, keys, values) by ``split_size``: whole heads went from each."""
     width = module.q_attn.weight.shape[1] if module.is_cross_attention else module.c_attn.weight.shape[1] // 3
@@ -404,8 +392,7 @@ def _gpt2_attention(module: nn.Module) -> None:
     module.num_heads = width // module.head_dim
 
 
-_SIZE_RULES.update({nn.Linear: _linear, nn.modules.conv._ConvNd: _conv, nn.modules.batchnorm._NormBase: _batch_norm,
-                    nn.LayerNorm: _layer_norm, "transformers.pytorch_utils.Conv1D": _conv1d,
+_SIZE_RULES.update({nn.modules.batchnorm._NormBase: _batch_norm, nn.LayerNorm: _layer_norm,
                     "transformers.models.gpt2.modeling_gpt2.GPT2Attention": _gpt2_attention})
 
 

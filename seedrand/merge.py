@@ -18,8 +18,8 @@ import torch.nn as nn
 
 from .errors import ModelError
 from .garbage import follow_tensors
+from .layers import layer_spec
 from .passes.filter_gates import FilterGate
-from .passes.layout import conv1d_types
 from .rewriter.kept import AppliedAfter, PerForward, difference, is_seedrand_module, top_seedrand_modules
 from .rewriter.rewrite import KEPT_RECORD_KEY, RewriteRecord, kept_record, rewrite
 
@@ -73,24 +73,24 @@ def _scale_outputs(owner: nn.Module, scale: torch.Tensor, name: str) -> None:
     """Multiply the output features of ``owner`` by ``scale`` (``(features,)``, ``>= 0``), folding a gate into it.
 
     Raises:
-        ModelError: ``owner`` is not a layer whose outputs are its weight's rows (Linear, Conv, Conv1D, Embedding,
-            an affine BatchNorm/LayerNorm): the gate cannot be folded.
+        ModelError: ``owner`` is neither a registered layer (``seedrand.register_layer``) nor an affine
+            BatchNorm/LayerNorm: the gate cannot be folded.
     """
-    if isinstance(owner, (nn.Linear, nn.modules.conv._ConvNd)) or (
-            isinstance(owner, (nn.modules.batchnorm._NormBase, nn.LayerNorm)) and owner.weight is not None):
+    spec = layer_spec(type(owner))
+    if spec is not None:
+        dim = spec.output_dim
+    elif isinstance(owner, (nn.modules.batchnorm._NormBase, nn.LayerNorm)) and owner.weight is not None:
         dim = 0
-    elif isinstance(owner, (*conv1d_types(), nn.Embedding)):
-        dim = 1
     else:
         raise ModelError(f"seedrand.merge cannot fold the gate after {name} ({type(owner).__name__}) into its "
-                         "weights: only Linear, Conv, transformers Conv1D, Embedding and affine BatchNorm/LayerNorm "
+                         "weights: only registered layers' (seedrand.register_layer) and affine BatchNorm/LayerNorm "
                          "outputs are folded")
     with torch.no_grad():
         weight = owner.weight
         shape = [1] * weight.dim()
         shape[dim] = -1
         weight.mul_(scale.to(weight.dtype).reshape(shape))
-        if getattr(owner, "bias", None) is not None and not isinstance(owner, nn.Embedding):
+        if getattr(owner, "bias", None) is not None and (spec is None or spec.layout != "embedding"):
             owner.bias.mul_(scale.to(owner.bias.dtype))
 
 

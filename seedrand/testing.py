@@ -21,7 +21,7 @@ from .rewriter.rewrite import rewrite
 
 __all__ = ["check_garbage_collection", "kill_gates"]
 
-LAYER_TYPES = ["Linear", "Conv1d", "Conv2d", "Conv3d"]
+LAYER_TYPES = ["Linear", "Conv1d", "Conv2d", "Conv3d", "ConvTranspose1d", "ConvTranspose2d", "ConvTranspose3d"]
 
 
 def kill_gates(model: nn.Module, fraction: float = 0.5, seed: int = 0) -> int:

@@ -65,7 +65,7 @@ def test_gates_on_every_layer_type_and_dtype():
 
 def test_gate_on_a_batch_norm_is_refused(zoo_models):
     model, inputs = zoo_models["cnn"]
-    with pytest.raises(PolicyError, match=r"rule 'gates' .*'bn1' \(BatchNorm2d\): filter_gates supports"):
+    with pytest.raises(PolicyError, match=r"rule 'gates' .*'bn1' \(BatchNorm2d\): filter_gates applies to registered layer classes"):
         seedrand.rewrite(model, policy({"types": ["BatchNorm2d"]}), inputs, graph=True)
 
 

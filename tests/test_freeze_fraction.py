@@ -169,7 +169,7 @@ def test_dim_in_on_embedding_names_rule_and_module(tmp_path):
 def test_unsupported_layer_is_refused_and_model_untouched(zoo_models):
     model, inputs = zoo_models["cnn"]
     state = copy.deepcopy(model.state_dict())
-    with pytest.raises(PolicyError, match=r"'bn1' \(BatchNorm2d\): freeze_fraction supports nn.Linear"):
+    with pytest.raises(PolicyError, match=r"'bn1' \(BatchNorm2d\): freeze_fraction applies to registered layer classes \(Linear, Conv1D, ConvNd.*register BatchNorm2d with seedrand.register_layer"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["BatchNorm2d"]}, "freeze_fraction": {
             "fraction": 0.5}}]}, inputs, graph=True)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in state.items())

@@ -98,5 +98,5 @@ def test_after_a_layer_of_unknown_output_shape_is_refused(zoo_models, tmp_path):
     model, inputs = zoo_models["cnn"]
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nrules:\n  - name: ins\n    match: {types: [BatchNorm2d]}\n    insert_random: {}\n")
-    with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ins' .*'bn1' \(BatchNorm2d\): insert_random supports"):
+    with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'ins' .*'bn1' \(BatchNorm2d\): insert_random applies to registered layer classes"):
         seedrand.rewrite(model, path, inputs, graph=True)

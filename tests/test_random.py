@@ -122,7 +122,7 @@ def test_unsupported_type_names_module_rule_and_line(zoo_models, tmp_path):
     path = tmp_path / "p.yaml"
     path.write_text("version: 1\nrules:\n  - name: rnd\n    match: {types: [BatchNorm2d]}\n    random: {}\n")
     with pytest.raises(PolicyError, match=r"p.yaml:3:5: rule 'rnd' \(rules\[0\]\): 'bn1' \(BatchNorm2d\): random "
-                                          r"supports nn.Linear"):
+                                          r"applies to registered layer classes \(Linear, Conv1D, ConvNd, ConvTransposeNd, Embedding"):
         seedrand.rewrite(model, path, inputs, graph=True)
 
 

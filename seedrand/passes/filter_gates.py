@@ -100,7 +100,7 @@ def filter_gates(gm: fx.GraphModule, target: Target) -> None:
     docstring).
 
     Raises:
-        PolicyError: the module is not a Linear/Conv1D/Conv/Embedding (whose channels are known), it is the root, or
+        PolicyError: the module is not a registered layer (whose channels are known), it is the root, or
             ``{module}_gate`` is taken (names the module, the rule and its YAML line).
     """
     p, qualname = target.rule.params, target.qualname
@@ -111,7 +111,7 @@ def filter_gates(gm: fx.GraphModule, target: Target) -> None:
         theta = torch.ones(channels, dtype=dtype)
     else:
         theta = philox.rand(derive_seed(target.seed, qualname, "gate"), torch.arange(channels)).to(dtype)
-    install(gm, name, FilterGate(theta, 1 if lay.kind == "conv" else -1, p.lambda_))
+    install(gm, name, FilterGate(theta, lay.channel_dim, p.lambda_))
     sites = call_sites(gm, target, lay.kind)
     if not sites:
         raise target.error("its weight is never used by the traced forward")

@@ -235,7 +235,7 @@ def _slices(target: Target, lay, weight: torch.Tensor, bias: Optional[torch.Tens
 
 
 def freeze_fraction(gm: fx.GraphModule, target: Target) -> None:
-    """Replace the weight (and, with ``dim: out``, the bias) of the Linear/Conv1D/Conv/Embedding ``target`` by
+    """Replace the weight (and, with ``dim: out``, the bias) of the registered layer ``target`` by
     :class:`FrozenFraction` modules (see the module docstring).
 
     Raises:

@@ -146,7 +146,7 @@ class GrowingSlices(nn.Module):
 
 
 def grow(gm: fx.GraphModule, target: Target) -> None:
-    """Replace the weight (and, with ``dim: out``, the bias) of the Linear/Conv1D/Conv ``target`` by
+    """Replace the weight (and, with ``dim: out``, the bias) of the registered layer ``target`` (not an embedding) by
     :class:`GrowingSlices` modules (see the module docstring).
 
     Raises:

@@ -96,7 +96,7 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
     docstring).
 
     Raises:
-        PolicyError: the module is not a Linear/Conv1D/Embedding/Conv (whose output shape is known), the widths do
+        PolicyError: the module is not a registered layer (whose output shape is known), the widths do
             not fit, the name ``{module}_random`` is taken, or the module is the root (names the module, the rule and
             its YAML line).
     """
@@ -105,7 +105,7 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
     lay = layout(gm, target)
     widths = _widths(target, lay.features)
     init, dtype = p.init, stored_weight(gm, target).dtype
-    if lay.kind == "conv":
+    if lay.channel_dim == 1:  # a convolution: 1x1 random convolutions
         dims = len(lay.shape) - 2
         layers = [RandomConv((o, i) + (1,) * dims, (1,) * dims, (0,) * dims, (1,) * dims, 1,
                              derive_seed(target.seed, f"{name}.layers.{k}", "weight"), init, None)
@@ -113,7 +113,7 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
     else:
         layers = [RandomLinear(i, o, derive_seed(target.seed, f"{name}.layers.{k}", "weight"), init, None)
                   for k, (i, o) in enumerate(zip(widths, widths[1:]))]
-    stack = RandomStack(layers, p.activation, p.residual, p.scale, 1 if lay.kind == "conv" else -1, dtype)
+    stack = RandomStack(layers, p.activation, p.residual, p.scale, lay.channel_dim, dtype)
     sites = call_sites(gm, target, lay.kind)
     if not sites:
         raise target.error("its weight is never used by the traced forward")

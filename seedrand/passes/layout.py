@@ -1,46 +1,50 @@
-"""How each supported layer type stores its weight: which dimension holds the filters, the fans ``torch.nn.init``
-computes, the layer's own default init, and the Philox counter of every stored element.
+"""How a registered layer stores its weight (:mod:`seedrand.layers`): which dimension holds the filters, the fans
+``torch.nn.init`` computes, the layer's own default init, and the Philox counter of every stored element.
 
-Supported: ``nn.Linear``, ``nn.Conv1d/2d/3d``, ``nn.Embedding`` and ``transformers.pytorch_utils.Conv1D``. A
-regenerated weight is indexed in the *canonical* layout ``(out, in, *kernel)`` (``(num_embeddings, embedding_dim)``
-for an embedding): element ``(o, i, k...)`` is Philox counter ``o * in * K + i * K + k``. ``Conv1D`` stores the
-transpose ``(in, out)``; its elements keep their canonical counters, so a ``Conv1D`` and an ``nn.Linear`` of the same
-shape regenerate the same matrix.
+A regenerated weight is indexed in the *canonical* layout ``(out, in, *kernel)`` (``(num_embeddings, embedding_dim)``
+for an embedding): element ``(o, i, k...)`` is Philox counter ``o * in * K + i * K + k``. A layer that stores the
+transpose of its first two dims (transformers' ``Conv1D``: ``(in, out)``; a transposed convolution:
+``(in, out, *kernel)``) keeps the canonical counters, so a ``Conv1D`` and an ``nn.Linear`` of the same shape
+regenerate the same matrix.
 
 It also finds where a graph computes such a layer: its ``call_module`` node (symbolic trace) or the aten ops reading
-its weight (export).
+its weight (export), and the convolution hyperparameters either records.
 """
 
 from __future__ import annotations
 
 import math
-import sys
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 import torch.fx as fx
-import torch.nn as nn
 
 from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import inline_module, substitute_tensor
+from ..layers import LayerSpec, layer_spec, registered_names
+from ..rewriter.graph import full_args, inline_module, substitute_tensor
 from ..rewriter.match import Target
 from .regenerated import Stream
 
-__all__ = ["Layout", "layout", "layout_of", "conv1d_types", "row_major_strides", "slice_counters", "substitute_weight", "stored_weight", "weight_readers", "call_sites", "sibling_name", "CONV_OPS"]
+__all__ = ["Layout", "layout", "layout_of", "row_major_strides", "slice_counters", "substitute_weight",
+           "stored_weight", "weight_readers", "call_sites", "sibling_name", "conv_hyperparameters", "CONV_OPS"]
 
-_CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _aten = torch.ops.aten
-CONV_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default}
-# per layout kind: the exported ops that compute such a layer, and (weight, input) argument positions
+CONV_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.conv1d.padding,
+            _aten.conv2d.padding, _aten.conv3d.padding}
+CONV_TRANSPOSE_OPS = {_aten.conv_transpose1d.default, _aten.conv_transpose2d.input, _aten.conv_transpose3d.input}
+_TRANSPOSES = {_aten.t.default, _aten.numpy_T.default}
+# per layout: the exported ops that compute such a layer, and (weight, input) argument positions
 _LAYER_OPS = {
     "linear": {_aten.linear.default: (1, 0), _aten.addmm.default: (2, 1)},
     "conv": {op: (1, 0) for op in CONV_OPS},
+    "conv_transpose": {op: (1, 0) for op in CONV_TRANSPOSE_OPS},
     "embedding": {_aten.embedding.default: (0, 1)},
 }
-
-
+# positions of the hyperparameters in the exported ops' arguments
+_CONV_ARGS = {"stride": 3, "padding": 4, "dilation": 5, "groups": 6}
+_CONV_TRANSPOSE_ARGS = {"stride": 3, "padding": 4, "output_padding": 5, "groups": 6, "dilation": 7}
 
 
 @dataclass(frozen=True)
@@ -48,12 +52,16 @@ class Layout:
     """A layer's weight layout.
 
     Attributes:
-        kind: ``"linear"`` (``nn.Linear`` and ``Conv1D``), ``"conv"`` or ``"embedding"``.
+        kind: the registered layout (``seedrand.layers.LAYOUTS``): ``"linear"``, ``"conv"``, ``"conv_transpose"`` or
+            ``"embedding"``.
         shape: the canonical shape ``(out, in, *kernel)`` / ``(num_embeddings, embedding_dim)``.
-        transposed: the weight is stored as the transpose of ``shape`` (``Conv1D``).
-        fan_in, fan_out: as ``torch.nn.init._calculate_fan_in_and_fan_out`` on the canonical weight.
-        default_init: the layer's own initialization (``kaiming_uniform`` for Linear/Conv, ``normal(1.0)`` for
-            Embedding, ``normal(0.02)`` for ``Conv1D``), used where a rule gives no ``init``.
+        transposed: the weight is stored with the first two dims of ``shape`` swapped (``Conv1D``, transposed
+            convolutions).
+        fan_in, fan_out: as ``torch.nn.init._calculate_fan_in_and_fan_out`` computes them for the layer's own init
+            (on the canonical weight; on the stored one for a transposed convolution, as PyTorch's
+            ``ConvTranspose`` initializes).
+        default_init: the layer's own initialization (:attr:`seedrand.layers.LayerSpec.init`), used where a rule
+            gives no ``init``.
     """
 
     kind: str
@@ -68,6 +76,11 @@ class Layout:
         """Size of the output's feature dimension: ``out`` (Linear, Conv) or ``embedding_dim`` (Embedding)."""
         return self.shape[1] if self.kind == "embedding" else self.shape[0]
 
+    @property
+    def channel_dim(self) -> int:
+        """The output's dimension holding the features: 1 for a convolution, the last (-1) otherwise."""
+        return 1 if self.kind in ("conv", "conv_transpose") else -1
+
     def stored_dim(self, dim: str) -> int:
         """The stored weight's dimension holding the output filters (``"out"``) or input channels (``"in"``)."""
         canonical = 0 if dim == "out" else 1
@@ -76,7 +89,7 @@ class Layout:
     def counter_strides(self) -> tuple[int, ...]:
         """Per stored dimension, how much the Philox counter grows per step (row-major in the canonical layout)."""
         strides = row_major_strides(self.shape)
-        return strides[::-1] if self.transposed else strides
+        return (strides[1], strides[0], *strides[2:]) if self.transposed else strides
 
     def init(self, rule_init: Optional[str]) -> str:
         """The rule's init, else the layer's own default."""
@@ -158,38 +171,45 @@ def layout(gm: fx.GraphModule, target: Target) -> Layout:
     """The :class:`Layout` of module ``target``'s weight in ``gm``.
 
     Raises:
-        PolicyError: the module is not one of the supported types, or has no weight (names the module, the rule and
-            its YAML line).
+        PolicyError: the module's class is not registered (``seedrand.register_layer``), it has no weight, or it is
+            a grouped transposed convolution (names the module, the rule and its YAML line).
     """
-    return layout_of(target, tuple(stored_weight(gm, target).shape))
+    lay = layout_of(target, tuple(stored_weight(gm, target).shape))
+    if lay.kind == "conv_transpose" and conv_hyperparameters(gm, target, lay)["groups"] != 1:
+        raise target.error(f"{target.rule.action} supports transposed convolutions with groups=1 only")
+    return lay
 
 
-def conv1d_types() -> tuple[type, ...]:
-    """transformers' ``Conv1D`` if transformers is imported (a model holding one has imported it), else ``()``:
-    seedrand itself never needs transformers."""
-    module = sys.modules.get("transformers.pytorch_utils")
-    return (module.Conv1D,) if module is not None else ()
+def spec_of(target: Target) -> LayerSpec:
+    """The :class:`~seedrand.layers.LayerSpec` of the module's class.
+
+    Raises:
+        PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``).
+    """
+    spec = layer_spec(target.cls)
+    if spec is None:
+        raise target.error(f"{target.rule.action} applies to registered layer classes ({registered_names()}); "
+                           f"register {target.cls.__qualname__} with seedrand.register_layer if its forward is one "
+                           "of their layouts")
+    return spec
 
 
 def layout_of(target: Target, shape: tuple[int, ...]) -> Layout:
     """The :class:`Layout` of a weight of the stored ``shape`` in a module of class ``target.cls``.
 
     Raises:
-        PolicyError: the module is not one of the supported types.
+        PolicyError: the class is not registered, or ``shape`` does not fit its layout.
     """
-    conv1d = conv1d_types()
-    cls = target.cls
-    if not issubclass(cls, (nn.Linear, *conv1d, *_CONVS, nn.Embedding)):
-        raise target.error(f"{target.rule.action} supports nn.Linear, transformers Conv1D, nn.Conv1d/2d/3d and "
-                           "nn.Embedding")
-    if issubclass(cls, nn.Linear):
-        return Layout("linear", shape, False, shape[1], shape[0], "kaiming_uniform")
-    if issubclass(cls, conv1d):
-        return Layout("linear", shape[::-1], True, shape[0], shape[1], "normal(0.02)")
-    if issubclass(cls, _CONVS):
-        receptive = math.prod(shape[2:])
-        return Layout("conv", shape, False, shape[1] * receptive, shape[0] * receptive, "kaiming_uniform")
-    return Layout("embedding", shape, False, shape[1], shape[0], "normal(1.0)")
+    spec = spec_of(target)
+    if len(shape) != (2 if spec.layout in ("linear", "embedding") else len(shape)) or len(shape) < 2:
+        raise target.error(f"its weight of shape {shape} is not a {spec.layout} weight")
+    receptive = math.prod(shape[2:])
+    if spec.layout == "conv_transpose":  # fans of the stored (in, out / groups, *kernel), as PyTorch initializes
+        return Layout("conv_transpose", (shape[1], shape[0], *shape[2:]), True, shape[1] * receptive,
+                      shape[0] * receptive, spec.init)
+    canonical = (shape[1], shape[0]) if spec.transposed else shape
+    fan_in, fan_out = canonical[1] * receptive, canonical[0] * receptive
+    return Layout(spec.layout, canonical, spec.transposed, fan_in, fan_out, spec.init)
 
 
 def weight_readers(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx.Node]]:
@@ -200,7 +220,9 @@ def weight_readers(gm: fx.GraphModule, target: Target) -> list[tuple[fx.Node, fx
 
 def call_sites(gm: fx.GraphModule, target: Target, kind: str) -> list[tuple[fx.Node, fx.Node]]:
     """``(node, input)`` pairs computing the layer of layout ``kind``: its ``call_module`` node (symbolic trace), or
-    the ``aten.linear``/``aten.addmm``, ``aten.conv{1,2,3}d`` or ``aten.embedding`` nodes reading its weight (export).
+    the exported ops reading its weight (``aten.linear``/``aten.addmm``, ``aten.conv{1,2,3}d`` with numeric or
+    string padding, ``aten.conv_transpose{1,2,3}d``, ``aten.embedding``), or ``x @ W.T`` (``aten.matmul`` of the
+    input and ``aten.t``/``aten.numpy_T`` of a linear weight: Falcon's ``FalconLinear``).
 
     Raises:
         PolicyError: another op reads the weight too (tied or shared weights).
@@ -210,10 +232,65 @@ def call_sites(gm: fx.GraphModule, target: Target, kind: str) -> list[tuple[fx.N
         positions = _LAYER_OPS[kind].get(user.target)
         if positions and len(user.args) > positions[0] and user.args[positions[0]] is weight:
             sites.append((user, user.args[positions[1]]))
+        elif kind == "linear" and _matmul_by_transpose(user):
+            (matmul,) = user.users
+            sites.append((_with_bias(gm, target, matmul), matmul.args[0]))
         else:
             raise target.error(f"its weight is also read by {user.target} (tied or shared weights cannot be "
                                "regenerated without changing the other reader)")
     return sites
+
+
+def _matmul_by_transpose(node: fx.Node) -> bool:
+    """``node`` transposes a weight for one ``aten.matmul(x, node)`` and nothing else: ``x @ W.T``."""
+    if node.target not in _TRANSPOSES or len(node.users) != 1:
+        return False
+    (user,) = node.users
+    return user.target is _aten.matmul.default and user.args[1] is node and user.args[0] is not node
+
+
+def _with_bias(gm: fx.GraphModule, target: Target, matmul: fx.Node) -> fx.Node:
+    """The node computing ``x @ W.T + b``: the ``add`` of the module's bias after ``matmul``, or ``matmul`` itself
+    when the module has no bias.
+
+    Raises:
+        PolicyError: the module has a bias that is not added right after ``x @ W.T`` (the layer would not be
+            ``linear(x, W, b)``).
+    """
+    bias = f"{target.qualname}.bias"
+    if bias not in dict(gm.named_parameters()):
+        return matmul
+    adds = [u for u in matmul.users if u.target is _aten.add.Tensor and len(matmul.users) == 1
+            and any(a.op == "get_attr" and a.target == bias for a in u.args if isinstance(a, fx.Node))]
+    if not adds:
+        raise target.error("it computes x @ W.T but does not add its bias right after; its forward is not "
+                           "linear(x, W, b)")
+    return adds[0]
+
+
+def conv_hyperparameters(gm: fx.GraphModule, target: Target, lay: Layout) -> dict[str, object]:
+    """``stride``, ``padding``, ``dilation``, ``groups`` (and ``output_padding`` for a transposed convolution) of the
+    convolution ``target``: from the leaf module's attributes of those names (symbolic trace; PyTorch's defaults
+    where it has none) or from the exported call's arguments. Lists as the module or the op holds them; ``padding``
+    may be ``"same"``/``"valid"``.
+
+    Raises:
+        PolicyError: the weight is read by no convolution of the traced forward, or the module pads other than with
+            zeros (``padding_mode``).
+    """
+    positions = _CONV_TRANSPOSE_ARGS if lay.kind == "conv_transpose" else _CONV_ARGS
+    calls = [user for _, user in weight_readers(gm, target) if user.target in _LAYER_OPS[lay.kind]]
+    if calls:
+        args = full_args(calls[0])
+        return {name: args[i] for name, i in positions.items()}
+    if not any(n.op == "call_module" and n.target == target.qualname for n in gm.graph.nodes):
+        raise target.error("its weight is never used by a convolution in the traced forward")
+    module = gm.get_submodule(target.qualname)
+    if getattr(module, "padding_mode", "zeros") != "zeros":
+        raise target.error(f"{target.rule.action} supports zero padding only, not "
+                           f"padding_mode={module.padding_mode!r}")
+    defaults = {"stride": 1, "padding": 0, "output_padding": 0, "dilation": 1, "groups": 1}
+    return {name: getattr(module, name, defaults[name]) for name in positions}
 
 
 def sibling_name(gm: fx.GraphModule, target: Target, suffix: str) -> str:

@@ -1,10 +1,11 @@
 """The ``random`` action (van den Heuvel & Sladek 2020): a layer whose weight is non-trainable and regenerated from its
-Philox key on every use, forward and backward, so it stores zero bytes. Handles ``nn.Linear``, transformers' ``Conv1D``
-(GPT-2), ``nn.Conv1d/2d/3d`` with zero padding and ``nn.Embedding``, on graphs from either tracing strategy.
+Philox key on every use, forward and backward, so it stores zero bytes. Handles every registered layer
+(:func:`seedrand.register_layer`; built in: ``nn.Linear``, transformers' ``Conv1D`` (GPT-2), ``nn.Conv1d/2d/3d``
+and ``nn.ConvTranspose1d/2d/3d`` with zero padding, ``nn.Embedding``), on graphs from either tracing strategy.
 
 The weight's Philox key is ``derive_seed(seed, qualname, "weight")``; its elements use the counters of
 ``seedrand.passes.layout`` (row-major in ``(out, in, *kernel)``, for ``Conv1D`` too, whose stored weight is the
-transpose). ``init`` defaults to the layer's own (``kaiming_uniform``, exactly PyTorch's default Linear/Conv init;
+transpose, and for transposed convolutions). ``init`` defaults to the layer's own (``kaiming_uniform``, exactly PyTorch's default Linear/Conv init;
 ``normal(1.0)`` for Embedding; ``normal(0.02)`` for ``Conv1D``) with the fans ``torch.nn.init`` computes.
 """
 
@@ -21,12 +22,13 @@ from ..kernels.dispatch import autocast_input, plain_torch_ops
 from ..kernels.init import init_distribution, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import full_args, install
+from ..rewriter.graph import erase_with_dead_inputs, full_args, install
 from ..rewriter.match import Target
-from .layout import CONV_OPS, Layout, call_sites, layout, layout_of, stored_weight, weight_readers
+from .layout import (Layout, call_sites, conv_hyperparameters, layout, layout_of, stored_weight,
+                     weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["RandomLinear", "RandomConv", "RandomEmbedding", "random", "random_captured"]
+__all__ = ["RandomLinear", "RandomConv", "RandomConvTranspose", "RandomEmbedding", "random", "random_captured"]
 
 
 class _RandomLayer(Regenerating):
@@ -65,11 +67,12 @@ class _RandomLayer(Regenerating):
         return self.regenerate("weight", self.dtype, self.dtype_probe.device)
 
     def merged(self) -> dict[str, Optional[torch.Tensor]]:
-        """The replaced layer's ``weight`` (its stored layout: transposed for ``Conv1D``) and ``bias``
-        materialized, in the dtype and on the device this module follows (what :func:`seedrand.merge` puts
-        back)."""
+        """The replaced layer's ``weight`` (its stored layout: transposed for ``Conv1D`` and transposed
+        convolutions) and ``bias`` materialized, in the dtype and on the device this module follows (what
+        :func:`seedrand.merge` puts back)."""
         weight = self.weight
-        return {"weight": weight.t() if self.transposed else weight, "bias": self._bias(weight.dtype, weight.device)}
+        return {"weight": weight.transpose(0, 1) if self.transposed else weight,
+                "bias": self._bias(weight.dtype, weight.device)}
 
     def extra_repr(self) -> str:
         bias = "random" if "bias" in self.streams else self.bias is not None
@@ -141,6 +144,39 @@ class RandomConv(_RandomLayer):
         return y if bias is None else y + bias.to(y.dtype).reshape(-1, *[1] * (y.dim() - 2))
 
 
+class RandomConvTranspose(_RandomLayer):
+    """A ConvTranspose1d/2d/3d (zero padding, ``groups=1``) whose weight is regenerated from ``seed`` on every use:
+    the weight is materialized for the call (no fused kernel exists for a transposed convolution) and dropped after,
+    so nothing is stored between calls.
+
+    Args:
+        weight_shape: the canonical ``(out_channels, in_channels, *kernel)``; the layer convolves with its
+            transpose ``(in_channels, out_channels, *kernel)``, the stored layout of ``nn.ConvTranspose{n}d``.
+        stride, padding, output_padding, dilation: as ``nn.ConvTranspose{n}d`` (tuples of ``len(kernel)`` ints).
+        seed, init, bias, dtype: as :class:`RandomLinear`; fans are those PyTorch's ``ConvTranspose`` init uses
+            (``fan_in = out_channels * kernel``).
+
+    Input ``(N, C_in, *spatial)``; output ``(N, C_out, *spatial_out)``, dtype of the input.
+    """
+
+    def __init__(self, weight_shape: tuple[int, ...], stride: tuple[int, ...], padding: tuple[int, ...],
+                 output_padding: tuple[int, ...], dilation: tuple[int, ...], seed: int, init: str,
+                 bias: nn.Parameter | int | None, dtype: torch.dtype = torch.float32):
+        receptive = math.prod(weight_shape[2:])
+        super().__init__(tuple(weight_shape), weight_shape[0] * receptive, weight_shape[1] * receptive, seed, init,
+                         bias, dtype, transposed=True)
+        self.stride, self.padding, self.output_padding, self.dilation = stride, padding, output_padding, dilation
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = autocast_input(x)
+        conv = (nn.functional.conv_transpose1d, nn.functional.conv_transpose2d,
+                nn.functional.conv_transpose3d)[len(self.weight_shape) - 3]
+        weight = self.regenerate("weight", x.dtype, x.device).transpose(0, 1)
+        bias = self._bias(x.dtype, x.device)
+        return conv(x, weight, None if bias is None else bias.to(x.dtype), self.stride, self.padding,
+                    self.output_padding, 1, self.dilation)
+
+
 class RandomEmbedding(_RandomLayer):
     """An embedding table regenerated from ``seed``: a lookup regenerates only the rows it reads, so neither the
     table nor a gradient for it ever exists.
@@ -181,47 +217,68 @@ def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int 
     return nn.Parameter(stored.detach().clone(), requires_grad=mode == "trainable")
 
 
+def _linear(gm: fx.GraphModule, target: Target, lay: Layout, seed: int, init: str, bias, dtype) -> nn.Module:
+    return RandomLinear(lay.shape[1], lay.shape[0], seed, init, bias, dtype=dtype, transposed=lay.transposed)
+
+
+def _conv(gm: fx.GraphModule, target: Target, lay: Layout, seed: int, init: str, bias, dtype) -> nn.Module:
+    h = _conv_settings(gm, target, lay)
+    return RandomConv(lay.shape, h["stride"], h["padding"], h["dilation"], h["groups"], seed, init, bias, dtype)
+
+
+def _conv_transpose(gm: fx.GraphModule, target: Target, lay: Layout, seed: int, init: str, bias,
+                    dtype) -> nn.Module:
+    h = _conv_settings(gm, target, lay)
+    return RandomConvTranspose(lay.shape, h["stride"], h["padding"], h["output_padding"], h["dilation"], seed, init,
+                               bias, dtype)
+
+
+def _embedding(gm: fx.GraphModule, target: Target, lay: Layout, seed: int, init: str, bias, dtype) -> nn.Module:
+    return RandomEmbedding(*lay.shape, seed, init, _padding_idx(gm, target), dtype)
+
+
+# per layout (seedrand.layers.LAYOUTS): the regenerated layer replacing a registered layer of that layout
+_REPLACEMENTS = {"linear": _linear, "conv": _conv, "conv_transpose": _conv_transpose, "embedding": _embedding}
+
+
 def _replacement(gm: fx.GraphModule, target: Target, lay: Layout, bias: nn.Parameter | int | None) -> nn.Module:
     seed, init = derive_seed(target.seed, target.qualname, "weight"), lay.init(target.rule.params.init)
-    dtype = stored_weight(gm, target).dtype
-    if lay.kind == "linear":
-        return RandomLinear(lay.shape[1], lay.shape[0], seed, init, bias, dtype=dtype, transposed=lay.transposed)
-    if lay.kind == "conv":
-        return RandomConv(lay.shape, *_conv_hyperparameters(gm, target, len(lay.shape) - 2), seed, init, bias, dtype)
-    return RandomEmbedding(*lay.shape, seed, init, _padding_idx(gm, target), dtype)
+    return _REPLACEMENTS[lay.kind](gm, target, lay, seed, init, bias, stored_weight(gm, target).dtype)
 
 
 def _padding_idx(gm: fx.GraphModule, target: Target) -> Optional[int]:
     """The embedding's ``padding_idx``: from the leaf module (symbolic trace) or the ``aten.embedding`` call."""
-    module = gm.get_submodule(target.qualname)
-    if isinstance(module, nn.Embedding):
-        if module.max_norm is not None:
-            raise target.error("random cannot regenerate an embedding with max_norm (it renormalizes the stored "
-                               "table in place)")
-        return module.padding_idx
     calls = [user for _, user in weight_readers(gm, target) if user.target == torch.ops.aten.embedding.default]
-    padding_idx = full_args(calls[0])[2] if calls else -1
-    return None if padding_idx == -1 else padding_idx
-
-
-def _conv_hyperparameters(gm: fx.GraphModule, target: Target, n: int) -> tuple:
-    """``(stride, padding, dilation, groups)`` of the convolution: from the leaf module (symbolic trace) or from
-    the exported ``aten.conv{n}d`` call's arguments 3 to 6 (export)."""
+    if calls:
+        padding_idx = full_args(calls[0])[2]
+        return None if padding_idx == -1 else padding_idx
     module = gm.get_submodule(target.qualname)
-    if isinstance(module, nn.modules.conv._ConvNd):
-        if module.padding_mode != "zeros":
-            raise target.error(f"random supports zero padding only, not padding_mode={module.padding_mode!r}")
-        found = (module.stride, module.padding, module.dilation, module.groups)
-    else:
-        calls = [user for _, user in weight_readers(gm, target)
-                 if user.target in CONV_OPS]
-        if not calls:
-            raise target.error("its weight is never used by a convolution in the traced forward")
-        found = full_args(calls[0])[3:7]
-    stride, padding, dilation, groups = found
-    if isinstance(padding, str):
-        raise target.error(f"random supports numeric padding only, not padding={padding!r}")
-    return _per_dim(stride, n), _per_dim(padding, n), _per_dim(dilation, n), groups
+    if getattr(module, "max_norm", None) is not None:
+        raise target.error("random cannot regenerate an embedding with max_norm (it renormalizes the stored "
+                           "table in place)")
+    return getattr(module, "padding_idx", None)
+
+
+def _conv_settings(gm: fx.GraphModule, target: Target, lay: Layout) -> dict[str, object]:
+    """:func:`~seedrand.passes.layout.conv_hyperparameters` with every size as one int per spatial dim, and string
+    padding as the numbers it means (``"valid"``: none; ``"same"``: ``dilation * (kernel - 1) / 2`` per side).
+
+    Raises:
+        PolicyError: ``padding="same"`` pads one side more than the other (an even effective kernel).
+    """
+    found, n = conv_hyperparameters(gm, target, lay), len(lay.shape) - 2
+    settings = {k: (v if k == "groups" else _per_dim(v, n)) for k, v in found.items() if k != "padding"}
+    padding = found["padding"]
+    if padding == "valid":
+        padding = 0
+    elif padding == "same":
+        total = [d * (k - 1) for d, k in zip(settings["dilation"], lay.shape[2:])]
+        if any(t % 2 for t in total):
+            raise target.error("random supports padding='same' where it pads both sides alike (an odd kernel "
+                               f"extent); this one pads {total} in all")
+        padding = [t // 2 for t in total]
+    settings["padding"] = _per_dim(padding, n)
+    return settings
 
 
 def _per_dim(value, n: int) -> tuple[int, ...]:
@@ -231,12 +288,12 @@ def _per_dim(value, n: int) -> tuple[int, ...]:
 
 
 def random(gm: fx.GraphModule, target: Target) -> None:
-    """Replace the Linear/Conv1D/Conv/Embedding ``target`` by a :class:`RandomLinear`/:class:`RandomConv`/
-    :class:`RandomEmbedding` (see the module docstring).
+    """Replace the registered layer ``target`` by the regenerated layer of its layout: :class:`RandomLinear`,
+    :class:`RandomConv`, :class:`RandomConvTranspose` or :class:`RandomEmbedding` (see the module docstring).
 
     Raises:
-        PolicyError: the module is of another type, or its weight is shared with other ops (names the module, the
-            rule and its YAML line).
+        PolicyError: the module's class is not registered, its weight is shared with other ops, or its padding is
+            not zeros on both sides alike (names the module, the rule and its YAML line).
     """
     try:
         stored_bias = gm.get_parameter(f"{target.qualname}.bias")
@@ -254,10 +311,7 @@ def random(gm: fx.GraphModule, target: Target) -> None:
                 new = gm.graph.call_module(target.qualname, (x,))
             new.meta = dict(node.meta)
             node.replace_all_uses_with(new)
-            gm.graph.erase_node(node)
-    for node in [n for n in gm.graph.nodes if n.op == "get_attr" and n.target.startswith(f"{target.qualname}.")]:
-        if not node.users:
-            gm.graph.erase_node(node)
+            erase_with_dead_inputs(gm.graph, node)
 
 
 _CAPTURED_CONVS = {torch.conv1d: 1, torch.conv2d: 2, torch.conv3d: 3}
@@ -281,9 +335,10 @@ def random_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx
         raise target.error("the captured graph has no weight parameter of this module")
     lay = layout_of(target, tuple(weight.meta["example_value"].shape))
     params = target.rule.params
-    if lay.kind == "embedding" or params.bias == "random":
-        raise target.error("the backend applies random to nn.Linear, transformers Conv1D and nn.Conv layers with bias "
-                           "keep, trainable or zero; use seedrand.rewrite for embeddings and regenerated biases")
+    if lay.kind not in ("linear", "conv") or params.bias == "random":
+        raise target.error("the backend applies random to linear and convolution layers with bias keep, trainable "
+                           "or zero; use seedrand.rewrite for embeddings, transposed convolutions and regenerated "
+                           "biases")
     seed = derive_seed(target.seed, target.qualname, "weight")
     kind, scale = init_distribution(lay.init(params.init), lay.fan_in, lay.fan_out)
     for user in list(weight.users):

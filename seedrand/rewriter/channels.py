@@ -44,13 +44,12 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..layers import layer_spec
 from ..passes.filter_gates import FilterGate
 
 __all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size"]
 
 aten = torch.ops.aten
-_LINEAR_MODULES = (nn.Linear,)
-_CONV_MODULES = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Dropout,
                  nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
@@ -84,7 +83,10 @@ _RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape, aten.vi
 _SPLITS = {torch.split, "split", torch.chunk, "chunk", aten.split.Tensor, aten.split_with_sizes.default,
            aten.chunk.default}
 _REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", aten.mean.dim, aten.sum.dim_IntList}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
+          aten.conv3d.padding, torch.conv1d, torch.conv2d, torch.conv3d}
+_CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
+                    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
 _PERMUTES = {aten.permute.default, "permute", torch.permute, aten.transpose.int, "transpose", torch.transpose}
 _HEAD_OPS = _RESHAPES | _PERMUTES | {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
 
@@ -306,9 +308,9 @@ class ChannelGraph:
         if target in (aten.linear.default, F.linear):  # F.linear: a layer inlined by a weight pass
             return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
                                conv=False)
-        if target in _CONVS:
+        if target in _CONVS or target in _CONV_TRANSPOSES:
             return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None,
-                               args[6] if len(args) > 6 else 1, False, conv=True)
+                               args[6] if len(args) > 6 else 1, target in _CONV_TRANSPOSES, conv=True)
         if target is aten.addmm.default and len(args) == 3 and not node.kwargs:  # transformers' Conv1D
             return self._layer(node, args[1], self._ref(args[2]), args[0], 1, True, conv=False)
         if target is aten.batch_norm.default:
@@ -325,10 +327,12 @@ class ChannelGraph:
         if node.target in self._twice:
             return f"module {node.target!r} is called more than once"
         module = self.gm.get_submodule(node.target)
-        if isinstance(module, (*_LINEAR_MODULES, *_CONV_MODULES)):
+        spec = layer_spec(type(module))
+        if spec is not None and spec.layout != "embedding":
             self.layers[node] = module
             return self._layer(node, node.args[0], Ref(module, "weight"), self._module_ref(module, "bias"),
-                               getattr(module, "groups", 1), False, conv=isinstance(module, _CONV_MODULES))
+                               getattr(module, "groups", 1), spec.transposed or spec.layout == "conv_transpose",
+                               conv=spec.layout != "linear")
         if isinstance(module, _NORM_MODULES):
             self.layers[node] = module
             return self._batch_norm(node, [self._module_ref(module, n) or False for n in (
@@ -347,18 +351,21 @@ class ChannelGraph:
 
     def _layer(self, node: fx.Node, x: fx.Node, weight: Optional[Ref], bias, groups: int, transposed: bool,
                conv: bool):
-        """A Linear/Conv (``transposed``: the weight is stored ``(in, out)``, as by transformers' Conv1D)."""
+        """A Linear/Conv (``transposed``: the weight is stored ``(in, out, ...)``, as by transformers' Conv1D and
+        transposed convolutions)."""
         if bias is not None and not isinstance(bias, Ref):
             bias = self._ref(bias)
             if bias is None:
                 return "its bias is not a parameter read by this layer alone"
         if weight is None or not isinstance(groups, int):
             return "its weight is not a parameter read by this layer alone"
+        if transposed and groups != 1:
+            return "a grouped transposed convolution (its groups are not tracked)"
         shape = self._shape(node)
         dim = 1 if conv else len(shape) - 1
         in_ids = self._get(x, dim) if groups != 1 or x in self.channels else None
         w = weight.tensor.detach()
-        w = w.t() if transposed else w
+        w = w.transpose(0, 1) if transposed else w
         w = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in / groups, kernel positions)
         out, per_group_out = w.shape[0], w.shape[0] // groups
         in_zero = self.zero(in_ids) if in_ids is not None else torch.zeros(w.shape[1] * groups, dtype=torch.bool)

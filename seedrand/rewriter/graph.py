@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
 
-__all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after", "substitute_tensor"]
+__all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after", "substitute_tensor",
+           "erase_with_dead_inputs"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -64,6 +67,16 @@ def substitute_tensor(gm: fx.GraphModule, name: str, module: nn.Module) -> int:
     return len(readers)
 
 
+def erase_with_dead_inputs(graph: fx.Graph, node: fx.Node) -> None:
+    """Erase ``node`` (which nothing reads) and every input that nothing reads after it and that has no side
+    effect (the ``W.T`` feeding a replaced ``x @ W.T``, the ``get_attr`` of a replaced weight). Raises nothing."""
+    inputs = node.all_input_nodes
+    graph.erase_node(node)
+    for value in inputs:
+        if not value.users and value.op in ("call_function", "call_method", "get_attr") and not value.is_impure():
+            erase_with_dead_inputs(graph, value)
+
+
 def insert_after(gm: fx.GraphModule, node: fx.Node, module_name: str) -> fx.Node:
     """Call the submodule ``module_name`` on ``node``'s value right after it, and make every former user of
     ``node`` read the result instead. Returns the new ``call_module`` node."""
@@ -90,7 +103,7 @@ def inline_module(gm: fx.GraphModule, qualname: str) -> None:
     if not calls:
         return
     module = gm.get_submodule(qualname)
-    body = fx.Tracer().trace(module)
+    body = fx.Tracer().trace(module, concrete_args=_defaults_left(module, calls))
     placeholders = [n for n in body.nodes if n.op == "placeholder"]
     if any(p.target.startswith("*") for p in placeholders):
         raise ValueError(f"cannot inline {qualname}: its forward takes *args or **kwargs")
@@ -110,6 +123,14 @@ def inline_module(gm: fx.GraphModule, qualname: str) -> None:
         call.replace_all_uses_with(result)
         gm.graph.erase_node(call)
     install(gm, qualname, _container(module))
+
+
+def _defaults_left(module: nn.Module, calls: list[fx.Node]) -> dict[str, object]:
+    """The forward's arguments that no call passes, at their defaults: traced as constants, so that the forward's
+    branches on them (``if output_size is None`` of ``nn.ConvTranspose2d``) are taken as in the calls."""
+    parameters = list(inspect.signature(module.forward).parameters.values())
+    return {p.name: p.default for i, p in enumerate(parameters) if p.default is not p.empty
+            and all(i >= len(c.args) and p.name not in c.kwargs for c in calls)}
 
 
 def _bound(placeholder: fx.Node, position: int, call: fx.Node):
