@@ -4,7 +4,7 @@ regenerated from Philox seeds, filter gates, subspace training) to existing PyTo
 Public API: :func:`load_policy`, :class:`Policy`, :func:`rewrite`, :func:`summary`, :func:`save`, :func:`load`,
 :func:`export_onnx`, :func:`intrinsic_dimension`, :func:`penalty`, :func:`gate_parameters`, :func:`collect_garbage`,
 :class:`CapacityScheduler` and :func:`drop_inactive` (``grow``), :func:`ensemble`, :func:`register_layer` and
-:class:`LayerSpec` (a layer class of one's own); errors in
+:class:`LayerSpec` (a layer class of one's own), :func:`register_channel_rule` (an op of one's own); errors in
 :mod:`seedrand.errors`; the Philox reference in :mod:`seedrand.kernels.philox`.
 
 Names are imported on first use (PEP 562), so ``import seedrand`` and ``seedrand --help`` do not import torch.
@@ -29,6 +29,7 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
     from .policy import Policy, load_policy
+    from .rewriter.channels import register_channel_rule
     from .rewriter.rewrite import rewrite
     from .scheduler import CapacityScheduler
     from .summary import summary
@@ -48,13 +49,14 @@ _LAZY = {
     "drop_inactive": ".garbage",
     "Policy": ".policy", "load_policy": ".policy",
     "rewrite": ".rewriter.rewrite",
+    "register_channel_rule": ".rewriter.channels",
     "CapacityScheduler": ".scheduler",
     "summary": ".summary",
 }
 
 __all__ = ["Policy", "load_policy", "rewrite", "summary", "save", "load", "merge", "load_base_state_dict", "export_onnx", "intrinsic_dimension",
            "penalty", "collect_garbage", "gate_parameters", "CapacityScheduler", "drop_inactive", "ensemble",
-           "Ensemble", "register_layer", "LayerSpec", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
+           "Ensemble", "register_layer", "LayerSpec", "register_channel_rule", "PolicyError", "CheckpointError", "ModelError", "SeedrandError", "TraceError", "__version__"]
 
 
 class _Package(types.ModuleType):

@@ -36,6 +36,18 @@ def test_readme_example_runs(tmp_path):
     assert "weights regenerated, none stored" in result.stdout and (tmp_path / "gpt2-random-mlp.safetensors").exists()
 
 
+def test_extending_example_runs(tmp_path):
+    """README "Extending seedrand": a user's layer class gets random, freeze_fraction, filter_gates and garbage
+    collection by one register_layer call, and a custom op's channels go once register_channel_rule names it."""
+    section = README[README.index("## Extending seedrand"):]
+    code = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    result = run("-c", code, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Net RandomLinear", "{'a': 24, 'a_gate': 24} (8, 8) 8"]
+    unregistered = run("-c", code.replace("seedrand.register_channel_rule(", "print("), cwd=tmp_path)
+    assert unregistered.stdout.splitlines()[-1] == "{} (32, 8) 32"  # the custom op is a barrier without its rule
+
+
 def test_documentation_site_builds_in_strict_mode(tmp_path):
     """MkDocs with the API reference generated from the docstrings; any warning (a broken link, a docstring griffe
     cannot parse) fails the build."""
@@ -43,7 +55,7 @@ def test_documentation_site_builds_in_strict_mode(tmp_path):
     assert result.returncode == 0, result.stderr
     api = (tmp_path / "site" / "api" / "index.html").read_text()
     assert "seedrand.rewrite" in api and "CheckpointError" in api
-    for page in ["actions/freeze_fraction", "garbage-collection", "checkpoints", "papers", "own-model"]:
+    for page in ["actions/freeze_fraction", "garbage-collection", "checkpoints", "papers", "own-model", "extending"]:
         assert (tmp_path / "site" / page / "index.html").exists(), page
 
 

@@ -13,13 +13,16 @@ take part; a per-channel parameter operand, such as a bias or a layer scale, is 
 ``reshape`` map channel ``c`` to output positions ``c * S .. c * S + S - 1`` (``S`` from the propagated shapes; a
 size written as a number in the channel position is rewritten on removal); ``permute``/``transpose``/``unsqueeze``/
 ``select``/``slice`` move the channel dimension; a grouped or depthwise convolution joins each group's inputs with its
-outputs (so only whole groups go). A Linear/Conv (``groups=1``) starts new slots: its inputs are *sinks*, whose
-removal is exact when the slot is zero or the layer's columns for it are all zero.
+outputs (so only whole groups go). A registered layer (``seedrand.register_layer``: Linear, Conv, ConvTranspose;
+``groups=1``) starts new slots: its inputs are *sinks*, whose removal is exact when the slot is zero or the layer's
+columns for it are all zero.
 
 Zero analysis, per slot: a gate with ``theta <= 0``, a layer row whose weights are zero wherever its input is not
 (with zero bias), a BatchNorm entry with zero weight and bias, and what zero-preserving ops (ReLU, GELU, SiLU, tanh,
-hardtanh, dropout, pooling, zero padding, positive powers, ``mul`` by anything, ``add`` of zeros, ``cat``, reshapes)
-make of those.
+hardtanh, abs, dropout, pooling, zero padding, positive powers, ``mul`` by anything, ``add`` of zeros, ``cat``,
+reshapes, reductions over other dims) make of those. What an op does to channels is its rule
+(:func:`register_channel_rule`, one registration for every spelling of the op); the built-in element-wise, pooling
+and reduction ops are registered through it at import, as a user registers their own.
 
 Anything else is a **barrier**: the graph's inputs and outputs, unknown ops, norms that mix channels (LayerNorm,
 GroupNorm, RMSNorm's mean over channels), reductions over the channel dimension, modules called twice, shared
@@ -37,52 +40,106 @@ from __future__ import annotations
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import layer_spec
+from ..layers import layer_spec, mro_lookup
 from ..passes.filter_gates import FilterGate
 
-__all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size"]
+__all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size", "register_channel_rule", "op_spellings",
+           "CHANNEL_RULES"]
 
 aten = torch.ops.aten
 _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-_ZERO_MODULES = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Dropout,
-                 nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity)
-_POOL_MODULES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
-                 nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
-                 nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
-_CHANNEL_MODULES = (nn.Sigmoid, nn.Hardsigmoid)  # keep channels apart but map 0 to a non-zero value
-# element-wise ops by what they make of a zero: "zero" keeps it, "channel" does not; "pool" works on dims after 1
-_ELEMENTWISE = {
-    **dict.fromkeys([torch.relu, F.relu, F.relu6, F.leaky_relu, F.gelu, F.silu, torch.tanh, F.elu, F.hardswish,
-                     F.dropout, torch.dropout, "relu", "tanh", "contiguous", aten.relu.default, aten.relu_.default,
-                     aten.gelu.default, aten.silu.default, aten.silu_.default, aten.tanh.default,
-                     aten.hardswish.default, aten.dropout.default, aten.dropout_.default, aten.contiguous.default,
-                     aten.clone.default, aten.relu6.default, aten.leaky_relu.default, aten.elu.default], "zero"),
-    **dict.fromkeys([F.max_pool1d, F.max_pool2d, F.max_pool3d, F.avg_pool1d, F.avg_pool2d, F.avg_pool3d,
-                     F.adaptive_avg_pool1d, F.adaptive_avg_pool2d, F.adaptive_avg_pool3d, F.adaptive_max_pool2d,
-                     aten.max_pool1d.default, aten.max_pool2d.default, aten.avg_pool1d.default,
-                     aten.avg_pool2d.default, aten.adaptive_avg_pool1d.default, aten.adaptive_avg_pool2d.default],
-                    "pool"),
-    **dict.fromkeys([torch.sigmoid, F.sigmoid, F.hardsigmoid, "sigmoid", aten.sigmoid.default,
-                     aten.hardsigmoid.default], "channel"),
-}
+CHANNEL_RULES = ("keeps_zero", "elementwise", "pool", "reduce")
+_OP_RULES: dict[object, str] = {}  # every spelling of an op -> its rule
+_MODULE_RULES: dict[Union[type, str], str] = {}  # module classes (or qualified names) -> their rule
+
+
+def op_spellings(op: Union[str, Callable]) -> list:
+    """Every spelling under which a traced graph calls ``op``: for a name (``"relu"``) the ``torch``,
+    ``torch.nn.functional`` and ``Tensor`` method spellings that exist and ``aten.<name>`` with all its overloads;
+    for an op overload packet (``torch.ops.mylib.swish``) the packet and its overloads; else ``op`` itself."""
+    if isinstance(op, str):
+        found = [op] if callable(getattr(torch.Tensor, op, None)) else []
+        found += [f for f in (getattr(torch, op, None), getattr(F, op, None)) if callable(f)]
+        packet = getattr(aten, op, None)
+        return found + (op_spellings(packet) if isinstance(packet, torch._ops.OpOverloadPacket) else [])
+    if isinstance(op, torch._ops.OpOverloadPacket):
+        return [op] + [getattr(op, name) for name in op.overloads()]
+    return [op]
+
+
+def register_channel_rule(op: Union[str, Callable, type], rule: str) -> None:
+    """Say what ``op`` does to channels, for the channel dependency graph of garbage collection (an op without a
+    rule is a barrier: the channels it reads are kept, and ``explain=True`` names it).
+
+    Args:
+        op: a name (``"relu"``: every spelling, see :func:`op_spellings`), a ``torch.ops`` overload packet (all its
+            overloads) or overload, a function, or an ``nn.Module`` subclass (or its qualified name) called as a
+            leaf module.
+        rule: ``"keeps_zero"``: element-wise on its first argument with ``f(0) = 0`` (ReLU, GELU, dropout), so a
+            dead channel stays dead; ``"elementwise"``: element-wise with ``f(0) != 0`` (sigmoid, exp), channels kept
+            apart but a dead one becomes live; ``"pool"``: acts on the dims after the channel dim (1) only, zero
+            preserving (max/average pooling); ``"reduce"``: reduces over the dims its second argument (or ``dim=``)
+            names, channel-preserving unless they include the channel dim (``sum``, ``mean``, ``amax``).
+
+    Raises:
+        ValueError: an unknown rule, or ``"reduce"`` for a module class (its dims are not in its call).
+        TypeError: ``op`` is none of the above.
+    """
+    if rule not in CHANNEL_RULES:
+        raise ValueError(f"register_channel_rule: rule must be one of {', '.join(CHANNEL_RULES)}, not {rule!r}")
+    if isinstance(op, type) and issubclass(op, nn.Module):
+        if rule == "reduce":
+            raise ValueError("register_channel_rule: a module's reduction dims are not in its call; give the "
+                             "module a rule of its own kind, or register the function its forward calls")
+        _MODULE_RULES[op] = rule
+    elif isinstance(op, str) and "." in op:  # a module class by qualified name
+        _MODULE_RULES[op] = rule
+    elif isinstance(op, str) or callable(op):
+        spellings = op_spellings(op)
+        if not spellings:
+            raise TypeError(f"register_channel_rule: no torch, functional, Tensor method or aten op is named "
+                            f"{op!r}")
+        _OP_RULES.update(dict.fromkeys(spellings, rule))
+    else:
+        raise TypeError(f"register_channel_rule takes an op, a function, a name or an nn.Module subclass, not {op!r}")
+
+
+for _names, _rule in (
+        (["relu", "relu6", "leaky_relu", "gelu", "silu", "tanh", "elu", "hardswish", "mish", "dropout",
+          "contiguous", "clone", "abs", "neg", "square", "sin", "erf", aten.relu_, aten.silu_, aten.dropout_],
+         "keeps_zero"),
+        (["sigmoid", "hardsigmoid", "exp", "cos"], "elementwise"),
+        ([f"{kind}_pool{n}d" for kind in ("max", "avg", "adaptive_avg", "adaptive_max") for n in (1, 2, 3)], "pool"),
+        (["mean", "sum", "amax", "amin"], "reduce")):
+    for _name in _names:
+        register_channel_rule(_name, _rule)
+for _modules, _rule in (
+        ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Mish, nn.Dropout,
+          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity), "keeps_zero"),
+        ((nn.Sigmoid, nn.Hardsigmoid), "elementwise"),
+        ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
+          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+          nn.AdaptiveMaxPool3d), "pool")):
+    for _module in _modules:
+        register_channel_rule(_module, _rule)
 _BINARY = {operator.add: "add", torch.add: "add", "add": "add", aten.add.Tensor: "add", aten.add_.Tensor: "add",
            operator.sub: "sub", torch.sub: "sub", "sub": "sub", aten.sub.Tensor: "sub",
            operator.mul: "mul", torch.mul: "mul", "mul": "mul", aten.mul.Tensor: "mul", aten.mul_.Tensor: "mul",
            operator.truediv: "div", torch.div: "div", "div": "div", aten.div.Tensor: "div"}
+_POWS = {operator.pow, torch.pow, "pow", aten.pow.Tensor_Scalar}
 _IN_PLACE = {aten.add_.Tensor, aten.mul_.Tensor, aten.relu_.default, aten.silu_.default, aten.dropout_.default,
              aten.hardtanh_.default}
 _RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
              aten.flatten.using_ints}
 _SPLITS = {torch.split, "split", torch.chunk, "chunk", aten.split.Tensor, aten.split_with_sizes.default,
            aten.chunk.default}
-_REDUCTIONS = {torch.mean, "mean", torch.sum, "sum", aten.mean.dim, aten.sum.dim_IntList}
 _CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
           aten.conv3d.padding, torch.conv1d, torch.conv2d, torch.conv3d}
 _CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
@@ -270,7 +327,8 @@ class ChannelGraph:
         """Handle ``node``: ``True``, or a reason (``None`` for the generic one) to pin what it reads."""
         target, args = node.target, node.args
         heads = [a for a in node.all_input_nodes if a in self.channels and self.channels[a].inner > 1]
-        if heads and not (target in _HEAD_OPS or _ELEMENTWISE.get(target) in ("zero", "channel")):
+        rule = _OP_RULES.get(target)
+        if heads and not (target in _HEAD_OPS or rule in ("keeps_zero", "elementwise")):
             return f"{_describe(node)} reads attention heads, and it is not known to keep them apart"
         if target in (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention):
             return self._attention(node)
@@ -278,13 +336,15 @@ class ChannelGraph:
             return self._call_module(node)
         if node.op == "call_method" and target == "size":
             return True if args[1:] == (0,) or node.kwargs == {"dim": 0} else "their sizes are read"
-        if target in _ELEMENTWISE:
-            return self._elementwise(node, _ELEMENTWISE[target])
+        if rule == "reduce":
+            return self._reduce(node)
+        if rule is not None:
+            return self._elementwise(node, rule)
         if target in (aten.hardtanh.default, aten.hardtanh_.default):
             low, high = (list(args[1:]) + [-1.0, 1.0][len(args) - 1:])[:2]
-            return self._elementwise(node, "zero" if low <= 0 <= high else "channel")
-        if target is aten.pow.Tensor_Scalar:
-            return self._elementwise(node, "zero" if args[1] > 0 else "channel")
+            return self._elementwise(node, "keeps_zero" if low <= 0 <= high else "elementwise")
+        if target in _POWS and isinstance(args[1], (int, float)):  # x ** p keeps 0 where p > 0
+            return self._elementwise(node, "keeps_zero" if args[1] > 0 else "elementwise")
         if target in (F.pad, aten.pad.default):
             return self._pad(node)
         if target in _BINARY:
@@ -303,8 +363,6 @@ class ChannelGraph:
             return self._split(node)
         if target is operator.getitem and args[0] in self._splits:
             return self._section(node)
-        if target in _REDUCTIONS:
-            return self._reduce(node)
         if target in (aten.linear.default, F.linear):  # F.linear: a layer inlined by a weight pass
             return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
                                conv=False)
@@ -345,9 +403,8 @@ class ChannelGraph:
                                                                       setattr(m, "normalized_shape", (n,))))
         if isinstance(module, nn.Flatten):
             return self._reshape(node)
-        kind = ("zero" if isinstance(module, _ZERO_MODULES) else "pool" if isinstance(module, _POOL_MODULES)
-                else "channel" if isinstance(module, _CHANNEL_MODULES) else None)
-        return self._elementwise(node, kind) if kind else None
+        rule = mro_lookup(_MODULE_RULES, type(module))
+        return self._elementwise(node, rule) if rule else None
 
     def _layer(self, node: fx.Node, x: fx.Node, weight: Optional[Ref], bias, groups: int, transposed: bool,
                conv: bool):
@@ -445,7 +502,7 @@ class ChannelGraph:
             return True
         if kind == "pool" and source.dim != 1:
             return f"{_describe(node)} pools over dims after 1, but the channels are on dim {source.dim}"
-        if kind == "channel":
+        if kind == "elementwise":
             self._derived(node, source, torch.zeros(len(source.ids), dtype=torch.bool))
         else:
             self.channels[node] = source
@@ -650,9 +707,12 @@ class ChannelGraph:
         source = self.channels.get(node.args[0])
         if source is None:
             return True
+        schema = getattr(node.target, "_schema", None)
+        if schema is not None and "dim" not in [a.name for a in schema.arguments]:  # aten.sum.default: all dims
+            return f"{_describe(node)} reduces over every dim"
         dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
         keepdim = node.args[2] if len(node.args) > 2 else node.kwargs.get("keepdim", False)
-        if dims is None:
+        if dims is None or (isinstance(dims, (list, tuple)) and not dims):  # amax(x, dim=[]): every dim
             return f"{_describe(node)} reduces over every dim"
         ndim = len(self._shape(node.args[0]))
         dims = [d % ndim for d in (dims if isinstance(dims, (tuple, list)) else [dims])]
