@@ -28,14 +28,6 @@ from .errors import SeedrandError, shown
 __all__ = ["seedrand_backend"]
 
 _SUPPORTED_OPTIONS = frozenset({"policy", "inductor"})
-# why the other actions need seedrand.rewrite: the backend never changes the user's module, so tensors an action
-# adds would live only in the compiled graph, out of reach of the user's optimizer and state_dict
-_NEEDS_REWRITE = {
-    "subspace": "it trains new coordinates theta_d in place of the module's parameters",
-    "filter_gates": "it adds trainable gates (and garbage collection changes the module's shapes)",
-    "grow": "it adds trainable capacity stages",
-    "insert_random": "it inserts new modules (with trainable scales unless scale: none)",
-}
 _SOURCE_PART = re.compile(r"\._(modules|parameters)\['([^']+)'\]")
 _STACK_INDEX = re.compile(r"\[(\d+)\]")
 # the compiled module: L['self'] when Dynamo traces its forward, L['fn'] when it traces the module as a callable
@@ -73,20 +65,23 @@ def _captured_parameters(gm: fx.GraphModule, example_inputs: list) -> dict[str, 
 
 
 def _apply_policy(gm: fx.GraphModule, example_inputs: list, policy: Any) -> fx.GraphModule:
-    from .passes import CAPTURED_PASSES
+    from .passes import ACTIONS
     from .rewriter.match import resolve
     from .rewriter.rewrite import as_policy
 
     policy = as_policy(policy)
+    captured = [name for name, spec in ACTIONS.items() if spec.captured is not None]
     for rule in policy.rules:
-        if rule.action not in CAPTURED_PASSES:
+        # the backend never changes the user's module: tensors an action adds would live only in the compiled
+        # graph, out of reach of the user's optimizer and state_dict
+        if ACTIONS[rule.action].captured is None:
             raise policy.error(f"action {rule.action} cannot be applied by the torch.compile backend: "
-                               f"{_NEEDS_REWRITE[rule.action]}, which the model's optimizer and state_dict would "
-                               "never see; rewrite the model with seedrand.rewrite and compile the result (the "
-                               f"backend applies {', '.join(CAPTURED_PASSES)})", rule)
+                               f"{ACTIONS[rule.action].not_captured}, which the model's optimizer and state_dict "
+                               "would never see; rewrite the model with seedrand.rewrite and compile the result "
+                               f"(the backend applies {', '.join(captured)})", rule)
     parameters = _captured_parameters(gm, example_inputs)
     for target in resolve(policy, _captured_modules(gm)):
-        CAPTURED_PASSES[target.rule.action](gm, target, parameters)
+        ACTIONS[target.rule.action].captured(gm, target, parameters)
     gm.graph.lint()
     gm.recompile()
     return gm

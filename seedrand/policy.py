@@ -1,8 +1,10 @@
 """Policy files: the YAML schema (pydantic v2), loading with line numbers, and writing back.
 
-A policy is ``{version: 1, seed: int, rules: [...]}``; each rule has a ``match`` selector and exactly one action
-(``freeze``, ``freeze_fraction``, ``random``, ``insert_random``, ``filter_gates``, ``subspace``, ``grow``). The README's
-"Policy files" section is the reference for every key. Only ``yaml.safe_load``/``yaml.compose`` are used.
+A policy is ``{version: 1, seed: int, rules: [...]}``; each rule has a ``match`` selector and exactly one action,
+one of those registered in :data:`seedrand.actions.ACTIONS` by their modules of ``seedrand.passes`` (``freeze``,
+``freeze_fraction``, ``random``, ``insert_random``, ``filter_gates``, ``subspace``, ``grow``), whose parameters are the
+action's own pydantic model. ``docs/policies.md`` is the reference for every key (its table of parameters is
+:func:`reference_table`). Only ``yaml.safe_load``/``yaml.compose`` are used.
 """
 
 from __future__ import annotations
@@ -14,142 +16,17 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional
 
 import yaml
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, PrivateAttr, ValidationError, create_model, field_validator, model_validator
+from pydantic_core import PydanticUndefined
 
+from . import passes  # noqa: F401 - registers the built-in actions, from which Rule's fields are made
+from .actions import ACTIONS, StrictModel, check_init
 from .errors import PolicyError, shown
-from .kernels.init import parse_init
 
-__all__ = [
-    "Policy", "Rule", "Match", "Freeze", "FreezeFraction", "Random", "InsertRandom", "FilterGates", "Subspace",
-    "Grow", "Plateau",
-    "ACTIONS", "MAX_POLICY_BYTES", "MAX_DEPTH", "MAX_NODES", "load_policy", "parse_policy",
-]
+__all__ = ["Policy", "Rule", "Match", "ACTIONS", "MAX_POLICY_BYTES", "MAX_DEPTH", "MAX_NODES", "load_policy",
+           "parse_policy", "reference_table"]
 
-def _check_init(value: str) -> str:
-    parse_init(value)  # raises ValueError naming the allowed inits
-    return value
-
-
-Init = Annotated[str, AfterValidator(_check_init)]
-
-
-class _Strict(BaseModel):
-    # strict: no coercion (``seed: true`` is not 1, ``residual: "no"`` is not False); no infinities or NaNs
-    model_config = ConfigDict(extra="forbid", populate_by_name=True, validate_assignment=True, strict=True,
-                              allow_inf_nan=False)
-
-    def __eq__(self, other: object) -> bool:
-        # equal values are equal policies, wherever (file, line) they were written
-        return type(self) is type(other) and self.model_dump() == other.model_dump()
-
-
-class Freeze(_Strict):
-    """``freeze: {}``: every parameter of the matched module becomes non-trainable; values are kept (stored)."""
-
-
-class FreezeFraction(_Strict):
-    """``freeze_fraction``: freeze ``fraction`` of the weight's filters (``dim: out``) or inputs (``dim: in``)."""
-
-    fraction: float = Field(ge=0.0, lt=1.0)
-    dim: Literal["out", "in"] = "out"
-    select: Literal["first", "last", "random"] = "first"
-    fixed: Literal["random", "zero", "keep"] = "random"
-    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
-
-
-class Random(_Strict):
-    """``random``: the weight becomes non-trainable and regenerated from its Philox key on every use."""
-
-    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
-    bias: Literal["zero", "random", "keep", "trainable"] = "keep"
-
-
-class InsertRandom(_Strict):
-    """``insert_random``: ``count`` new random layers after the matched module (van den Heuvel & Sladek 2020)."""
-
-    width: Optional[int] = Field(default=None, ge=1)
-    count: int = Field(default=1, ge=1)
-    activation: Literal["relu", "gelu", "tanh", "sigmoid", "identity"] = "relu"
-    residual: bool = False
-    scale: Literal["none", "scalar", "per_channel"] = "none"
-    init: Init = "kaiming_uniform"
-
-    @model_validator(mode="after")
-    def _scale_needs_residual(self):
-        if self.scale != "none" and not self.residual:
-            raise ValueError(f"scale: {self.scale} scales the residual branch x + s * f(W x); it needs residual: true")
-        return self
-
-
-class FilterGates(_Strict):
-    """``filter_gates``: a per-channel gate ``y = x * max(0, theta)`` after the module, L1 weight ``lambda``."""
-
-    lambda_: float = Field(default=0.0, ge=0.0, alias="lambda")
-    init: Literal["ones", "uniform"] = "ones"
-    placement: Literal["auto", "output"] = "auto"
-
-
-class Subspace(_Strict):
-    """``subspace``: weights become ``theta0 + P @ theta_d`` with a regenerated random projection ``P``."""
-
-    dim: int = Field(ge=1)
-    projection: Literal["gaussian", "orthogonal", "sparse", "very_sparse", "fastfood"] = "gaussian"
-    scope: Literal["per_layer", "global"] = "per_layer"
-    theta0: Literal["keep", "random"] = "keep"
-    density: Optional[float] = Field(default=None, gt=0.0, le=1.0)
-    normalize: bool = False
-
-    @model_validator(mode="after")
-    def _density_only_for_very_sparse(self):
-        if self.density is not None and self.projection != "very_sparse":
-            raise ValueError(f"density applies to projection: very_sparse only, not {self.projection}")
-        if self.normalize and self.projection in ("orthogonal", "fastfood"):
-            raise ValueError(f"normalize applies to gaussian, sparse and very_sparse projections; {self.projection} "
-                             "columns already have unit norm")
-        return self
-
-
-class Plateau(_Strict):
-    """When a loss has plateaued: its moving average over ``window`` steps has not fallen by more than ``min_delta``
-    below its best (lowest) value of the stage for ``window`` steps."""
-
-    window: int = Field(default=10, ge=1)
-    min_delta: float = Field(default=0.0, ge=0.0)
-
-
-class Grow(_Strict):
-    """``grow``: the layer's output units (``dim: out``) or inputs (``dim: in``) split into ``stages`` equal slices,
-    ``start`` of them active at first; :class:`seedrand.CapacityScheduler` activates the next one on a plateau of the
-    loss (the dynamic network capacity thesis, section 5.1), freezing the slices trained so far when
-    ``freeze_previous``."""
-
-    stages: int = Field(default=5, ge=2)
-    start: int = Field(default=1, ge=1)
-    freeze_previous: bool = True
-    dim: Literal["out", "in"] = "out"
-    plateau: Plateau = Field(default_factory=Plateau)
-    init: Optional[Init] = None  # None: the layer's own default init (seedrand.passes.layout)
-
-    @model_validator(mode="after")
-    def _start_within_stages(self):
-        if self.start >= self.stages:
-            raise ValueError(f"start: {self.start} must be below stages: {self.stages} (start is how many of the "
-                             "stages are active before the first plateau; with all of them active nothing can grow)")
-        return self
-
-
-ACTIONS: dict[str, type[BaseModel]] = {
-    "freeze": Freeze,
-    "freeze_fraction": FreezeFraction,
-    "random": Random,
-    "insert_random": InsertRandom,
-    "filter_gates": FilterGates,
-    "subspace": Subspace,
-    "grow": Grow,
-}
-
-
-class Match(_Strict):
+class Match(StrictModel):
     """Which modules a rule selects.
 
     ``modules``: exact qualified names, or ``re:PATTERN`` (full match). ``types``: class names matched along each
@@ -181,8 +58,9 @@ class Match(_Strict):
         return self
 
 
-class Rule(_Strict):
-    """One rule: a ``match`` selector, exactly one action, and options.
+class _RuleBase(StrictModel):
+    """One rule: a ``match`` selector, exactly one action (a field per registered action, ``seedrand.actions``),
+    and options.
 
     ``optional: true`` lets the rule (and each of its patterns) match nothing without an error.
     """
@@ -190,13 +68,6 @@ class Rule(_Strict):
     name: Optional[str] = None
     match: Match
     optional: bool = False
-    freeze: Optional[Freeze] = None
-    freeze_fraction: Optional[FreezeFraction] = None
-    random: Optional[Random] = None
-    insert_random: Optional[InsertRandom] = None
-    filter_gates: Optional[FilterGates] = None
-    subspace: Optional[Subspace] = None
-    grow: Optional[Grow] = None
     _index: int = PrivateAttr(default=-1)
     _line: Optional[int] = PrivateAttr(default=None)
     _column: Optional[int] = PrivateAttr(default=None)
@@ -232,7 +103,7 @@ class Rule(_Strict):
         return next(a for a in ACTIONS if getattr(self, a) is not None)
 
     @property
-    def params(self) -> BaseModel:
+    def params(self) -> StrictModel:
         """The action's validated parameters."""
         return getattr(self, self.action)
 
@@ -243,7 +114,12 @@ class Rule(_Strict):
         return f"{self.name!r} ({where})" if self.name else where
 
 
-class Policy(_Strict):
+Rule = create_model("Rule", __base__=_RuleBase, __module__=__name__,
+                    **{name: (Optional[spec.params], None) for name, spec in ACTIONS.items()})
+Rule.__doc__ = _RuleBase.__doc__
+
+
+class Policy(StrictModel):
     """A validated policy: ``version``, global ``seed`` and an ordered list of ``rules``.
 
     Build one with :func:`load_policy` (from YAML, with line numbers in errors) or :meth:`from_dict`; write it back
@@ -359,7 +235,17 @@ def _error_message(err: dict, loc: tuple) -> str:
     msg = err["msg"].removeprefix("Value error, ")
     inside_rule = len(loc) >= 2 and loc[0] == "rules" and isinstance(loc[1], int)
     field = ".".join(map(str, loc[2:] if inside_rule else loc))
+    described = _parameter(loc) if inside_rule else None
+    if described is not None and described.description:
+        msg = f"{msg} ({loc[3]}: {described.description})"
     return f"{field}: {msg}" if field else msg
+
+
+def _parameter(loc: tuple):
+    """The pydantic field of the action parameter at ``loc`` (``("rules", i, action, name, ...)``), else ``None``."""
+    if len(loc) < 4 or loc[2] not in ACTIONS:
+        return None
+    return {f.alias or n: f for n, f in ACTIONS[loc[2]].params.model_fields.items()}.get(loc[3])
 
 
 def _from_validation_error(e: ValidationError, root: Optional[yaml.Node], path: str, data: Any) -> PolicyError:
@@ -522,3 +408,43 @@ def parse_policy(text: str, path: str = "<policy>") -> Policy:
     for rule, node in zip(policy.rules, getattr(rules_node, "value", [])):
         rule._line, rule._column = node.start_mark.line + 1, node.start_mark.column + 1
     return policy
+
+
+def _values(annotation: Any, field) -> str:
+    """A parameter's allowed values as the reference table shows them."""
+    if any(getattr(m, "func", None) is check_init for m in field.metadata):
+        return "init"
+    args = typing.get_args(annotation)
+    if typing.get_origin(annotation) is typing.Literal:
+        return " \\| ".join(f"`{a}`" for a in args)
+    if typing.get_origin(annotation) is typing.Annotated:
+        return "init" if any(getattr(m, "func", None) is check_init for m in args[1:]) else _values(args[0], field)
+    if args and type(None) in args:
+        return _values(next(a for a in args if a is not type(None)), field)
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return "mapping"
+    return getattr(annotation, "__name__", str(annotation))
+
+
+def _default(field) -> str:
+    """A parameter's default as YAML writes it (``required`` when it has none)."""
+    if field.default is PydanticUndefined and field.default_factory is None:
+        return "required"
+    value = field.get_default(call_default_factory=True)
+    value = value.model_dump() if isinstance(value, BaseModel) else value
+    return "none" if value is None else f"`{yaml.safe_dump(value, default_flow_style=True).strip().removesuffix('...').strip()}`"
+
+
+def reference_table() -> str:
+    """The Markdown table of every registered action's parameters (action, parameter, values, default,
+    description), generated from the registry; ``docs/policies.md`` shows it. Raises nothing."""
+    rows = ["| action | parameter | values | default | description |", "| --- | --- | --- | --- | --- |"]
+    for spec in ACTIONS.values():
+        fields = spec.params.model_fields
+        if not fields:
+            summary = (spec.params.__doc__ or "").strip().splitlines()[0].replace("``", "`")
+            rows.append(f"| `{spec.name}` | | | | {summary} |")
+        for name, field in fields.items():
+            rows.append(f"| `{spec.name}` | `{field.alias or name}` | {_values(field.annotation, field)} | "
+                        f"{_default(field)} | {field.description} |")
+    return "\n".join(rows)

@@ -47,7 +47,7 @@ def test_good_policy_loads_with_every_action(tmp_path):
     assert sorted(r.action for r in policy.rules) == sorted(ACTIONS)
     assert policy.seed == 1234
     assert policy.rules[0].params.fraction == 0.9
-    assert policy.rules[1].params == ACTIONS["freeze"]()
+    assert policy.rules[1].params == ACTIONS["freeze"].params()
     assert policy.rules[4].params.lambda_ == 1.0e-4
     assert [r._line for r in policy.rules] == [4, 10, 12, 15, 18, 21, 24]
     assert policy.rules[6].params.plateau.window == 10
@@ -172,3 +172,40 @@ def test_dict_policies_get_the_file_messages_without_lines():
     # model_dump() output, where the unused actions are None, validates back
     policy = Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]}, "freeze": {}}]})
     assert Policy.from_dict(policy.model_dump()) == policy
+
+
+def test_reference_table_in_the_docs_is_the_registry():
+    """docs/policies.md shows the table generated from the action registry (every parameter, its values, default
+    and description), so a parameter added to an action's model appears there or this fails."""
+    from pathlib import Path
+
+    from seedrand.policy import reference_table
+
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "policies.md").read_text()
+    assert reference_table() in docs
+    for name, spec in ACTIONS.items():
+        assert all(f"| `{name}` | `{f.alias or n}` |" in docs for n, f in spec.params.model_fields.items())
+
+
+def test_parameter_errors_carry_the_parameters_description():
+    with pytest.raises(PolicyError, match=r"freeze_fraction.fraction: Input should be less than 1 \(fraction: the "
+                                          r"fraction of filters \(or inputs\) frozen, in \[0, 1\)\)"):
+        Policy.from_dict({"version": 1, "rules": [{"match": {"types": ["Linear"]},
+                                                   "freeze_fraction": {"fraction": 1.5}}]})
+
+
+def test_an_action_spec_refuses_undocumented_parameters_and_an_unsaid_backend():
+    from pydantic import Field
+
+    from seedrand.actions import ActionSpec, StrictModel
+
+    class Params(StrictModel):
+        width: int = 1
+
+    class Documented(StrictModel):
+        width: int = Field(1, description="how wide")
+
+    with pytest.raises(ValueError, match="parameters width have no description"):
+        ActionSpec("mine", Params, lambda gm, targets: None, not_captured="it adds modules")
+    with pytest.raises(ValueError, match="give either captured"):
+        ActionSpec("mine", Documented, lambda gm, targets: None)

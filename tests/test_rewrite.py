@@ -1,6 +1,7 @@
 """seedrand.rewrite: copy semantics, empty-policy bit-identity on real models, train/eval, freeze, errors."""
 
 import copy
+import dataclasses
 
 import pytest
 import torch
@@ -9,7 +10,7 @@ from conftest import logits
 
 import seedrand
 from seedrand import SeedrandError, TraceError
-from seedrand.passes import PASSES
+from seedrand.actions import ACTIONS
 
 EMPTY = {"version": 1, "rules": []}
 TRANSFORMERS = ["resnet", "mobilenet_v2", "vit", "gpt2", "bert"]
@@ -87,7 +88,7 @@ def test_original_untouched_after_failure_midway(zoo_models, monkeypatch):
             p.requires_grad_(False)
         raise RuntimeError("pass failed midway")
 
-    monkeypatch.setitem(PASSES, "freeze", breaking_pass)
+    monkeypatch.setitem(ACTIONS, "freeze", dataclasses.replace(ACTIONS["freeze"], apply=breaking_pass))
     with pytest.raises(RuntimeError, match="midway"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["Conv2d"]}, "freeze": {}}]}, inputs, graph=True)
     assert all(p.requires_grad for p in model.parameters())

@@ -13,17 +13,33 @@ them).
 
 from __future__ import annotations
 
+from typing import Literal
+
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field
 
+from ..actions import StrictModel, ActionSpec, per_module, register_action
 from ..kernels import philox
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
 from .layout import call_sites, layout, sibling_name, stored_weight
 
-__all__ = ["FilterGate", "filter_gates", "penalty", "gate_parameters"]
+__all__ = ["FilterGates", "FilterGate", "filter_gates", "penalty", "gate_parameters"]
+
+
+class FilterGates(StrictModel):
+    """``filter_gates``: a per-channel gate ``y = x * max(0, theta)`` after the module, L1 weight ``lambda``."""
+
+    lambda_: float = Field(default=0.0, ge=0.0, alias="lambda", description="the L1 penalty's weight on the gates "
+                                                                            "(`seedrand.penalty`), >= 0")
+    init: Literal["ones", "uniform"] = Field("ones", description="the gates' start: open (ones), or seeded U(0, 1) "
+                                                                 "(ShrinkNets)")
+    placement: Literal["auto", "output"] = Field("auto", description="`auto`: after the BatchNorm that directly "
+                                                                       "follows the layer, if any; `output`: on the "
+                                                                       "layer's output")
 
 _BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 
@@ -117,3 +133,8 @@ def filter_gates(gm: fx.GraphModule, target: Target) -> None:
         raise target.error("its weight is never used by the traced forward")
     for node, _ in sites:
         insert_after(gm, _after_batch_norm(gm, node) if p.placement == "auto" else node, name)
+
+
+register_action(ActionSpec("filter_gates", FilterGates, per_module(filter_gates), once_per_module=True,
+                           not_captured="it adds trainable gates (and garbage collection changes the module's "
+                                        "shapes)"))

@@ -6,10 +6,15 @@ from __future__ import annotations
 import torch
 import torch.fx as fx
 
+from ..actions import StrictModel, ActionSpec, per_module, register_action
 from ..rewriter.graph import own_parameters
 from ..rewriter.match import Target
 
-__all__ = ["freeze", "freeze_captured"]
+__all__ = ["Freeze", "freeze", "freeze_captured"]
+
+
+class Freeze(StrictModel):
+    """``freeze: {}``: every parameter of the matched module becomes non-trainable; values are kept (stored)."""
 
 
 def freeze(gm: fx.GraphModule, target: Target) -> None:
@@ -36,3 +41,6 @@ def freeze_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx
             with gm.graph.inserting_after(node):
                 detached = gm.graph.call_function(torch.ops.aten.detach.default, (node,))
             node.replace_all_uses_with(detached, delete_user_cb=lambda user: user is not detached)
+
+
+register_action(ActionSpec("freeze", Freeze, per_module(freeze), captured=freeze_captured))

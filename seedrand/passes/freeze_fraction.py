@@ -26,12 +26,14 @@ never assembles the weight on CUDA (``seedrand::frozen_matmul``: frozen rows gen
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field
 
+from ..actions import StrictModel, ActionSpec, Init, per_module, register_action
 from ..kernels import philox
 from ..kernels.dispatch import autocast_input, plain_torch_ops
 from ..kernels.init import sample, sample_at
@@ -43,8 +45,22 @@ from .layout import (layout, layout_of, row_major_strides, slice_counters, store
                      weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["FrozenSlice", "FrozenFraction", "FrozenFractionLinear", "freeze_fraction", "freeze_fraction_captured",
+__all__ = ["FreezeFraction", "FrozenSlice", "FrozenFraction", "FrozenFractionLinear", "freeze_fraction", "freeze_fraction_captured",
            "frozen_indices"]
+
+
+class FreezeFraction(StrictModel):
+    """``freeze_fraction``: freeze ``fraction`` of the weight's filters (``dim: out``) or inputs (``dim: in``)."""
+
+    fraction: float = Field(ge=0.0, lt=1.0, description="the fraction of filters (or inputs) frozen, in [0, 1)")
+    dim: Literal["out", "in"] = Field("out", description="`out`: output filters (rows, with their biases); `in`: "
+                                                         "input channels (columns)")
+    select: Literal["first", "last", "random"] = Field("first", description="which are frozen: the first, the last, "
+                                                                            "or a seeded random choice")
+    fixed: Literal["random", "zero", "keep"] = Field("random", description="what the frozen slice holds: an init "
+                                                     "regenerated from the seed (never stored), zeros, or the "
+                                                     "layer's own values (stored)")
+    init: Optional[Init] = Field(None, description="the init of `fixed: random`; none: the layer's own")
 
 
 def frozen_indices(n: int, fraction: float, select: str, seed: int) -> list[int]:
@@ -280,3 +296,7 @@ def freeze_fraction_captured(gm: fx.GraphModule, target: Target, parameters: dic
         with gm.graph.inserting_after(node):
             replaced = gm.graph.call_function(module.forward, (node,))
         node.replace_all_uses_with(replaced, delete_user_cb=lambda user: user is not replaced)
+
+
+register_action(ActionSpec("freeze_fraction", FreezeFraction, per_module(freeze_fraction), owns_weight=True,
+                           captured=freeze_fraction_captured))

@@ -23,18 +23,51 @@ inference.
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field, model_validator
 
+from ..actions import StrictModel, ActionSpec, Init, per_module, register_action
 from ..kernels.init import sample_at
 from ..rewriter.match import Target
 from .layout import layout, row_major_strides, slice_counters, stored_weight, substitute_weight
 from .regenerated import Stream
 
-__all__ = ["GrowingSlices", "grow", "stage_bounds"]
+__all__ = ["Grow", "Plateau", "GrowingSlices", "grow", "stage_bounds"]
+
+
+class Plateau(StrictModel):
+    """When a loss has plateaued: its moving average over ``window`` steps has not fallen by more than ``min_delta``
+    below its best (lowest) value of the stage for ``window`` steps."""
+
+    window: int = Field(default=10, ge=1, description="steps of the moving average, and of the wait (>= 1)")
+    min_delta: float = Field(default=0.0, ge=0.0, description="how far below its best the average must fall to "
+                                                              "count as progress (>= 0)")
+
+
+class Grow(StrictModel):
+    """``grow``: the layer's output units (``dim: out``) or inputs (``dim: in``) split into ``stages`` equal slices,
+    ``start`` of them active at first; :class:`seedrand.CapacityScheduler` activates the next one on a plateau of the
+    loss (the dynamic network capacity thesis, section 5.1), freezing the slices trained so far when
+    ``freeze_previous``."""
+
+    stages: int = Field(default=5, ge=2, description="equal slices of the units (>= 2)")
+    start: int = Field(default=1, ge=1, description="slices active before the first plateau (< `stages`)")
+    freeze_previous: bool = Field(True, description="freeze the slices trained so far when the next one starts")
+    dim: Literal["out", "in"] = Field("out", description="grow output units (rows) or inputs (columns)")
+    plateau: Plateau = Field(default_factory=Plateau, description="when the loss has plateaued: `window`, "
+                                                                  "`min_delta`")
+    init: Optional[Init] = Field(None, description="the slices' init; none: the layer's own")
+
+    @model_validator(mode="after")
+    def _start_within_stages(self):
+        if self.start >= self.stages:
+            raise ValueError(f"start: {self.start} must be below stages: {self.stages} (start is how many of the "
+                             "stages are active before the first plateau; with all of them active nothing can grow)")
+        return self
 
 
 def stage_bounds(n: int, stages: int) -> list[tuple[int, int]]:
@@ -176,3 +209,7 @@ def grow(gm: fx.GraphModule, target: Target) -> None:
     if bias is not None:
         replaced["bias"] = GrowingSlices(bias, 0, init=lay.stream(target, "bias"), **settings)
     substitute_weight(gm, target, replaced)
+
+
+register_action(ActionSpec("grow", Grow, per_module(grow), owns_weight=True,
+                           not_captured="it adds trainable capacity stages"))

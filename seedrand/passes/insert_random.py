@@ -20,19 +20,42 @@ key is ``derive_seed(seed, "{module}_random.layers.{i}", "weight")`` and ``init`
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field, model_validator
 
+from ..actions import StrictModel, ActionSpec, Init, per_module, register_action
 from ..kernels.philox import derive_seed
 from ..rewriter.graph import insert_after, install
 from ..rewriter.match import Target
 from .layout import call_sites, layout, sibling_name, stored_weight
 from .random import RandomConv, RandomLinear
 
-__all__ = ["RandomStack", "insert_random"]
+__all__ = ["InsertRandom", "RandomStack", "insert_random"]
+
+
+class InsertRandom(StrictModel):
+    """``insert_random``: ``count`` new random layers after the matched module (van den Heuvel & Sladek 2020)."""
+
+    width: Optional[int] = Field(default=None, ge=1, description="the inserted layers' hidden width; none: the "
+                                                                 "module's output width")
+    count: int = Field(default=1, ge=1, description="how many random layers are inserted (>= 1)")
+    activation: Literal["relu", "gelu", "tanh", "sigmoid", "identity"] = Field(
+        "relu", description="the activation after each inserted layer")
+    residual: bool = Field(False, description="`x + s * f(W x)` instead of `f(W x)`")
+    scale: Literal["none", "scalar", "per_channel"] = Field(
+        "none", description="the residual branch's trainable scale `s`: none, one scalar, or one per channel "
+                            "(needs `residual: true`)")
+    init: Init = Field("kaiming_uniform", description="the inserted layers' init")
+
+    @model_validator(mode="after")
+    def _scale_needs_residual(self):
+        if self.scale != "none" and not self.residual:
+            raise ValueError(f"scale: {self.scale} scales the residual branch x + s * f(W x); it needs residual: true")
+        return self
 
 _ACTIVATIONS = {"relu": nn.ReLU, "gelu": nn.GELU, "tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "identity": nn.Identity}
 
@@ -120,3 +143,7 @@ def insert_random(gm: fx.GraphModule, target: Target) -> None:
     install(gm, name, stack)
     for node, _ in sites:
         insert_after(gm, node, name)
+
+
+register_action(ActionSpec("insert_random", InsertRandom, per_module(insert_random),
+                           not_captured="it inserts new modules (with trainable scales unless scale: none)"))

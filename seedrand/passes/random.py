@@ -12,12 +12,14 @@ transpose, and for transposed convolutions). ``init`` defaults to the layer's ow
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field
 
+from ..actions import StrictModel, ActionSpec, Init, per_module, register_action
 from ..kernels.dispatch import autocast_input, plain_torch_ops
 from ..kernels.init import init_distribution, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
@@ -28,7 +30,18 @@ from .layout import (Layout, call_sites, conv_hyperparameters, layout, layout_of
                      weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["RandomLinear", "RandomConv", "RandomConvTranspose", "RandomEmbedding", "random", "random_captured"]
+__all__ = ["Random", "RandomLinear", "RandomConv", "RandomConvTranspose", "RandomEmbedding", "random", "random_captured"]
+
+
+class Random(StrictModel):
+    """``random``: the weight becomes non-trainable and regenerated from its Philox key on every use."""
+
+    init: Optional[Init] = Field(None, description="the regenerated weight's init; none: the layer's own "
+                                                   "(`kaiming_uniform` for Linear/Conv, `normal(1.0)` for "
+                                                   "Embedding, `normal(0.02)` for `Conv1D`)")
+    bias: Literal["zero", "random", "keep", "trainable"] = Field(
+        "keep", description="`keep`: stored, frozen; `trainable`: stored, trained; `zero`: dropped; `random`: "
+                            "regenerated (PyTorch's default bias init)")
 
 
 class _RandomLayer(Regenerating):
@@ -371,3 +384,6 @@ def random_captured(gm: fx.GraphModule, target: Target, parameters: dict[str, fx
                 new = gm.graph.call_function(torch.add, (new, bias))
         user.replace_all_uses_with(new)
         gm.graph.erase_node(user)
+
+
+register_action(ActionSpec("random", Random, per_module(random), owns_weight=True, captured=random_captured))

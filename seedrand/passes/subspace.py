@@ -17,13 +17,15 @@ replaced by a :class:`SubspaceTensor` computing its slice.
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Literal, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from pydantic import Field, model_validator
 from torch.nn.utils import parametrize
 
+from ..actions import StrictModel, ActionSpec, register_action
 from ..kernels.dispatch import plain_torch_ops
 from ..kernels.philox import derive_seed
 from ..kernels.projection import DEFAULT_CHUNK_BYTES, column_norms, leading_rows, materialized, project
@@ -32,7 +34,33 @@ from ..rewriter.match import Target
 from .layout import layout
 from .regenerated import FINGERPRINT_SIZE, Regenerating, Stream
 
-__all__ = ["SubspaceCoordinates", "SubspaceTensor", "subspace", "check_subspace"]
+__all__ = ["Subspace", "SubspaceCoordinates", "SubspaceTensor", "subspace", "check_subspace"]
+
+
+class Subspace(StrictModel):
+    """``subspace``: weights become ``theta0 + P @ theta_d`` with a regenerated random projection ``P``."""
+
+    dim: int = Field(ge=1, description="the intrinsic dimension `d`: how many coordinates `theta_d` train (>= 1)")
+    projection: Literal["gaussian", "orthogonal", "sparse", "very_sparse", "fastfood"] = Field(
+        "gaussian", description="the projection `P`: dense Gaussian, orthonormal columns, sparse (density 1/3), "
+                                "very sparse (density `1/sqrt(D)` or `density`), Fastfood (Walsh-Hadamard)")
+    scope: Literal["per_layer", "global"] = Field("per_layer", description="one `theta_d` per module, or one shared "
+                                                                           "by every module of the rule")
+    theta0: Literal["keep", "random"] = Field("keep", description="`theta0`: the module's values, or an init "
+                                                                  "regenerated from the seed")
+    density: Optional[float] = Field(default=None, gt=0.0, le=1.0, description="`very_sparse` only: the fraction "
+                                                                               "of non-zero entries of `P`, in "
+                                                                               "(0, 1]")
+    normalize: bool = Field(False, description="scale `P`'s columns to unit norm (gaussian, sparse, very_sparse)")
+
+    @model_validator(mode="after")
+    def _density_only_for_very_sparse(self):
+        if self.density is not None and self.projection != "very_sparse":
+            raise ValueError(f"density applies to projection: very_sparse only, not {self.projection}")
+        if self.normalize and self.projection in ("orthogonal", "fastfood"):
+            raise ValueError(f"normalize applies to gaussian, sparse and very_sparse projections; {self.projection} "
+                             "columns already have unit norm")
+        return self
 
 
 class SubspaceCoordinates(Regenerating):
@@ -204,3 +232,7 @@ def subspace(gm: fx.GraphModule, targets: list[Target]) -> None:
         if not target.qualname:
             raise target.error("subspace with scope: per_layer needs a submodule, not the root (use scope: global)")
         _group(gm, [target], f"{target.qualname}.subspace")
+
+
+register_action(ActionSpec("subspace", Subspace, subspace, owns_weight=True, check=check_subspace,
+                           not_captured="it trains new coordinates theta_d in place of the module's parameters"))

@@ -5,8 +5,9 @@ Precedence (in the spirit of torch.ao's ``QConfigMapping``, but stricter):
 1. Within a rule, ``exclude``/``exclude_types`` beat ``modules``/``types``.
 2. A module is selected by a rule when it matches the rule's ``modules`` (if given) and ``types`` (if given).
 3. Every selected (module, rule) pair is applied, rules in file order. Two actions that both own a module's weight
-   (``freeze_fraction``, ``random``, ``subspace``, ``grow``, in any combination or twice), or two ``filter_gates``,
-   on one module are an error naming both rules.
+   (``ActionSpec.owns_weight``: ``freeze_fraction``, ``random``, ``subspace``, ``grow``, in any combination or
+   twice), or an action twice that applies once per module (``filter_gates``), on one module are an error naming
+   both rules.
 
 Strictness: every ``modules``/``exclude`` pattern and every ``types``/``exclude_types`` entry must match at least one
 module of the model, and every rule must select at least one, unless the rule says ``optional: true``. Misspellings
@@ -19,20 +20,21 @@ import difflib
 import re
 import sys
 from dataclasses import dataclass
-from typing import Mapping, Optional, Union
+from typing import TYPE_CHECKING, Mapping, Optional, Union
 
 import torch.nn as nn
 
+from ..actions import ACTIONS
 from ..errors import shown
-from ..policy import Policy, Rule
 
-__all__ = ["Target", "resolve", "WEIGHT_ACTIONS"]
+if TYPE_CHECKING:  # the policy module builds its schema from the passes, which import this module
+    from ..policy import Policy, Rule
 
-WEIGHT_ACTIONS = frozenset({"freeze_fraction", "random", "subspace", "grow"})
+__all__ = ["Target", "resolve"]
 
 
 def _incompatible(a: str, b: str) -> bool:
-    return (a in WEIGHT_ACTIONS and b in WEIGHT_ACTIONS) or a == b == "filter_gates"
+    return ACTIONS[a].conflicts_with(ACTIONS[b])
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ModelError, PolicyError
-from ..passes import CHECKS, PASSES
+from ..passes import ACTIONS
 from ..policy import Policy, load_policy
 from .kept import transplant, verify
 from .match import Target, resolve
@@ -163,10 +163,12 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     targets = resolve(policy, model)
     groups = [list(g) for _, g in itertools.groupby(targets, key=lambda t: id(t.rule))]  # listed rule by rule
     for group in groups:
-        CHECKS.get(group[0].rule.action, lambda *_: None)(model, group)
+        check = ACTIONS[group[0].rule.action].check
+        if check is not None:
+            check(model, group)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs, dynamic_shapes)
     for group in groups:
-        PASSES[group[0].rule.action](gm, group)
+        ACTIONS[group[0].rule.action].apply(gm, group)
     gm.graph.lint()
     gm.recompile()
     record = RewriteRecord(policy, targets, info, example_inputs)
