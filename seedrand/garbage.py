@@ -314,7 +314,11 @@ def _plan(gm: fx.GraphModule, graph: ChannelGraph, removed: set[int]) -> list:
         value = size.value(keep(size.node))
         if value != size.value(torch.arange(len(graph.channels[size.node].ids))):
             plan.append(functools.partial(lambda write, v, *_: write(v), size.write, value))
+    resized = set()
     for node, module in graph.layers.items():
+        if id(module) in resized:  # a module called more than once follows its tensors once
+            continue
+        resized.add(id(module))
         old = len(graph.channels[node].ids)
         if len(keep(node)) < old or (node.args[0] in graph.channels and
                                      len(keep(node.args[0])) < len(graph.channels[node.args[0]].ids)):

@@ -77,7 +77,8 @@ class FilterGate(nn.Module):
         if self.training:
             with torch.no_grad():
                 self.alive &= self.theta > 0
-        gate = torch.relu(self.theta) * self.alive
+        # the mask is a new tensor, so a second call in the same forward (a shared layer's gate) may update alive
+        gate = torch.relu(self.theta).masked_fill(~self.alive, 0.0)
         if self.channel_dim == 1:
             gate = gate.reshape(-1, *[1] * (x.dim() - 2))
         return x * gate
@@ -100,12 +101,14 @@ def gate_parameters(model: nn.Module) -> list[nn.Parameter]:
 
 
 def _after_batch_norm(gm: fx.GraphModule, node: fx.Node) -> fx.Node:
-    """The BatchNorm output that directly and solely consumes ``node``, else ``node`` itself."""
+    """The BatchNorm output that directly and solely consumes ``node``, else ``node`` itself (also when the
+    BatchNorm module is called elsewhere too: a gate after it would gate every call)."""
     if len(node.users) != 1:
         return node
     (user,) = node.users
     if user.op == "call_module" and isinstance(gm.get_submodule(user.target), _BATCH_NORMS):
-        return user
+        calls = [n for n in gm.graph.nodes if n.op == "call_module" and n.target == user.target]
+        return user if len(calls) == 1 else node
     if user.op == "call_function" and user.target == torch.ops.aten.batch_norm.default and user.args[0] is node:
         return user
     return node

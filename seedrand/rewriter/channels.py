@@ -25,9 +25,13 @@ reshapes, reductions over other dims) make of those. What an op does to channels
 and reduction ops are registered through it at import, as a user registers their own.
 
 Anything else is a **barrier**: the graph's inputs and outputs, unknown ops, norms that mix channels (LayerNorm,
-GroupNorm, RMSNorm's mean over channels), reductions over the channel dimension, modules called twice, shared
-(tied) parameters, in-place ops on tensors read elsewhere, attention's split of channels into heads. A barrier pins
-the slots it reads, and a group with a pinned slot is kept, with the reason.
+GroupNorm, RMSNorm's mean over channels), reductions over the channel dimension, shared (tied) parameters read by
+different ops, in-place ops on tensors read elsewhere, attention's split of channels into heads. A barrier pins the
+slots it reads, and a group with a pinned slot is kept, with the reason.
+
+A module called more than once (a shared activation, a weight-shared layer and its gate) joins its calls' channels:
+a row, column or entry of its tensors goes only when it can go in every use, and a call whose input is not tracked
+pins them.
 
 A group can be removed when nothing pins it, every sink in it reads a zero or unread channel, and it has at least one
 sink. Removing it applies :attr:`ChannelGraph.slices` (producer rows, consumer columns, biases, BatchNorm entries and
@@ -216,6 +220,7 @@ class ChannelGraph:
         self.slices: list[Slice] = []
         self.sizes: list[Size] = []
         self.layers: dict[fx.Node, nn.Module] = {}
+        self._sliced: dict[tuple[int, str, int], Slice] = {}  # (owner, tensor, dim) -> its one Slice
         self._splits: dict[fx.Node, tuple[Channels, list[int]]] = {}
         self._parent: list[int] = []
         self._zero: list[bool] = []
@@ -308,6 +313,23 @@ class ChannelGraph:
     def _module_ref(self, module: nn.Module, name: str) -> Optional[Ref]:
         return Ref(module, name) if getattr(module, name, None) is not None else None
 
+    def _slice(self, *slices: Slice) -> None:
+        """Record what removal slices. A tensor sliced again along the same dim belongs to a module called more than
+        once: its calls' channels are joined instead (a row, a column, a gate entry goes when it can go in every
+        use), and the tensor is sliced once."""
+        for s in slices:
+            key = (id(s.ref.owner), s.ref.name, s.dim)
+            first = self._sliced.get(key)
+            if first is None:
+                self._sliced[key] = s
+                self.slices.append(s)
+            else:
+                self._join(self.channels[first.node].ids, self.channels[s.node].ids)
+
+    def _shared(self, node: fx.Node) -> bool:
+        """``node`` calls a module that the graph calls more than once."""
+        return node.op == "call_module" and node.target in self._twice
+
     # ops ---------------------------------------------------------------------------------------------------------
     def _visit(self, node: fx.Node) -> None:
         if node.op == "output":
@@ -382,8 +404,6 @@ class ChannelGraph:
         return None
 
     def _call_module(self, node: fx.Node):
-        if node.target in self._twice:
-            return f"module {node.target!r} is called more than once"
         module = self.gm.get_submodule(node.target)
         spec = layer_spec(type(module))
         if spec is not None and spec.layout != "embedding":
@@ -420,7 +440,10 @@ class ChannelGraph:
             return "a grouped transposed convolution (its groups are not tracked)"
         shape = self._shape(node)
         dim = 1 if conv else len(shape) - 1
-        in_ids = self._get(x, dim) if groups != 1 or x in self.channels else None
+        # a shared layer's columns are sliced for all its calls: a call whose input is not tracked pins them
+        in_ids = self._get(x, dim) if groups != 1 or x in self.channels or self._shared(node) else None
+        if in_ids is not None and x not in self.channels:  # a shared layer's call on untracked (pinned) channels
+            self._set(x, dim, in_ids)
         w = weight.tensor.detach()
         w = w.transpose(0, 1) if transposed else w
         w = w.reshape(w.shape[0], w.shape[1], -1)  # (out, in / groups, kernel positions)
@@ -431,13 +454,13 @@ class ChannelGraph:
         group_in = in_zero.reshape(groups, 1, -1).expand(groups, per_group_out, -1).reshape(out, -1)
         out_ids = self._new(bias_zero & ((w == 0).all(-1) | group_in).all(1))
         self._set(node, dim, out_ids)
-        self.slices.append(Slice(weight, 1 if transposed else 0, node))
+        self._slice(Slice(weight, 1 if transposed else 0, node))
         if bias is not None:
-            self.slices.append(Slice(bias, 0, node))
+            self._slice(Slice(bias, 0, node))
         if groups == 1:
             if in_ids is not None:
                 self._sink(in_ids, in_zero | (w == 0).all(-1).all(0), _describe(node))
-                self.slices.append(Slice(weight, 0 if transposed else 1, x, output=False))
+                self._slice(Slice(weight, 0 if transposed else 1, x, output=False))
             return True
         ins, outs = in_ids.reshape(groups, -1), out_ids.reshape(groups, -1)
         for g in range(groups):  # a group's inputs and outputs go together: removal takes whole groups
@@ -451,7 +474,7 @@ class ChannelGraph:
     def _batch_norm(self, node: fx.Node, refs: list):
         """``refs``: weight, bias, running mean, running var (``False`` where absent, ``None`` where not sliceable)."""
         x = node.args[0]
-        if x not in self.channels:
+        if x not in self.channels and not self._shared(node):
             return True
         if any(r is None for r in refs):
             return "the BatchNorm's tensors are shared or not parameters"
@@ -460,7 +483,7 @@ class ChannelGraph:
         zero = (weight.tensor.detach() == 0) & (bias.tensor.detach() == 0) if weight and bias else \
             torch.zeros(len(source.ids), dtype=torch.bool)
         self._derived(node, source, zero)
-        self.slices += [Slice(r, 0, node) for r in refs if r]
+        self._slice(*[Slice(r, 0, node) for r in refs if r])
         return True
 
     def _rms_norm(self, node: fx.Node, normalized_shape, weight: Optional[Ref], eps: Optional[float], resize):
@@ -468,10 +491,12 @@ class ChannelGraph:
         mean, so a channel goes only if its input is zero (not merely unread), and then the ``n'`` channels left get
         ``eps' = eps * n / n'`` and ``w' = w * sqrt(n / n')``, which gives every kept output exactly as before."""
         x = node.args[0]
+        shape = self._shape(node)
         source = self.channels.get(x)
+        if source is None and self._shared(node):
+            source = Channels(len(shape) - 1, self._get(x, len(shape) - 1))
         if source is None:
             return True
-        shape = self._shape(node)
         if tuple(normalized_shape) != (shape[-1],) or source.dim != len(shape) - 1 or not weight:
             return ("an RMSNorm over more than the channel dim, or without a weight of its own (a weight is what "
                     "compensates for the channels removed)")
@@ -479,18 +504,19 @@ class ChannelGraph:
         self._sink(source.ids, zero, f"{_describe(node)} (its mean of squares)")
         self._derived(node, source, zero | (weight.tensor.detach() == 0))
         n = len(source.ids)
-        self.slices.append(Slice(weight, 0, node))
-        self.sizes.append(Size(node, len, lambda kept, w=weight: _compensate_rms(w, eps, resize, x, n, kept)))
+        self._slice(Slice(weight, 0, node))
+        if not (self._shared(node) and any(size.node.target == node.target for size in self.sizes)):  # once
+            self.sizes.append(Size(node, len, lambda kept, w=weight: _compensate_rms(w, eps, resize, x, n, kept)))
         return True
 
     def _gate(self, node: fx.Node, gate: FilterGate):
         x = node.args[0]
-        if x not in self.channels:
+        if x not in self.channels and not self._shared(node):
             return True
         dim = gate.channel_dim % len(self._shape(node))
         source = Channels(dim, self._get(x, dim))
         self._derived(node, source, self.zero(source.ids) | ~gate.live)
-        self.slices += [Slice(Ref(gate, "theta"), 0, node), Slice(Ref(gate, "alive"), 0, node)]
+        self._slice(Slice(Ref(gate, "theta"), 0, node), Slice(Ref(gate, "alive"), 0, node))
         return True
 
     def _elementwise(self, node: fx.Node, kind: str):
@@ -564,7 +590,7 @@ class ChannelGraph:
             return self._get(a, dim)
         value = ref.tensor.detach()
         ids = self._new((value == 0).movedim(dim, 0).reshape(value.shape[dim], -1).all(1))
-        self.slices.append(Slice(ref, dim, node))
+        self._slice(Slice(ref, dim, node))
         return ids
 
     def _cat(self, node: fx.Node):
