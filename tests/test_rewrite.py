@@ -315,3 +315,27 @@ def test_default_gpt2_config_with_its_cache_is_rewritten():
     assert model.config.use_cache is True
     with torch.no_grad():
         assert torch.equal(gm(ids).logits, model(ids).logits)
+
+
+class UnusedHead(nn.Module):
+    """A module the forward never calls (DPT keeps heads its forward does not use)."""
+
+    def __init__(self):
+        super().__init__()
+        self.body, self.head, self.unused = nn.Linear(4, 8), nn.Linear(8, 2), nn.Linear(8, 8)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.body(x)))
+
+
+@pytest.mark.parametrize("action", ["random", "filter_gates", "freeze_fraction"])
+def test_an_optional_rule_skips_a_module_the_forward_never_reads(action):
+    model, x = UnusedHead(), torch.randn(3, 4)
+    params = {"fraction": 0.5} if action == "freeze_fraction" else {}
+    rule = {"match": {"types": ["Linear"]}, action: params}
+    with pytest.raises(seedrand.PolicyError, match=r"'unused' \(Linear\): .*never used by the traced forward"):
+        seedrand.rewrite(model, {"version": 1, "rules": [rule]}, (x,))
+    kept = seedrand.rewrite(model, {"version": 1, "rules": [{**rule, "optional": True}]}, (x,))
+    record = seedrand.rewriter.rewrite.record_of(kept)
+    assert record.skipped == {"unused": "rule rules[0] (optional): the traced forward never reads it"}
+    assert {t.qualname for t in record.targets} == {"body", "head"} and type(kept.unused) is nn.Linear

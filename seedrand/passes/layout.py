@@ -23,7 +23,7 @@ import torch.fx as fx
 from ..kernels.init import init_distribution
 from ..kernels.philox import derive_seed
 from ..layers import LayerSpec, layer_spec, registered_names
-from ..rewriter.graph import full_args, inline_module, substitute_tensor
+from ..rewriter.graph import full_args, inline_module, reads_module, substitute_tensor
 from ..rewriter.match import Target
 from .regenerated import Stream
 
@@ -158,6 +158,9 @@ def stored_weight(gm: fx.GraphModule, target: Target) -> torch.nn.Parameter:
     try:
         weight = gm.get_parameter(name)
     except AttributeError:
+        if not reads_module(gm, target.qualname):
+            raise target.error("its weight is never used by the traced forward (the forward never calls the module; "
+                               "optional: true skips such modules)") from None
         raise target.error(f"{target.rule.action} needs a weight parameter that the traced forward uses; the module "
                            "has none") from None
     aliases = [n for n, p in gm.named_parameters(remove_duplicate=False) if p is weight and n != name]

@@ -9,7 +9,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 __all__ = ["own_parameters", "full_args", "inline_module", "install", "insert_after", "substitute_tensor",
-           "erase_with_dead_inputs"]
+           "erase_with_dead_inputs", "reads_module"]
 
 
 def own_parameters(gm: fx.GraphModule, qualname: str) -> list[tuple[str, torch.nn.Parameter]]:
@@ -65,6 +65,15 @@ def substitute_tensor(gm: fx.GraphModule, name: str, module: nn.Module) -> int:
         node.replace_all_uses_with(called)
         gm.graph.erase_node(node)
     return len(readers)
+
+
+def reads_module(gm: fx.GraphModule, qualname: str) -> bool:
+    """The graph calls module ``qualname`` (the root: always) or reads a tensor of it or of its children. Raises
+    nothing."""
+    prefix = f"{qualname}."
+    return not qualname or any(n.op in ("call_module", "get_attr") and (n.target == qualname or
+                                                                        n.target.startswith(prefix))
+                               for n in gm.graph.nodes)
 
 
 def erase_with_dead_inputs(graph: fx.Graph, node: fx.Node) -> None:

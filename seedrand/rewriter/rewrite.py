@@ -17,6 +17,7 @@ import torch.nn as nn
 from ..errors import ModelError, PolicyError
 from ..passes import ACTIONS
 from ..policy import Policy, load_policy
+from .graph import reads_module
 from .kept import transplant, verify
 from .match import Target, resolve
 from .trace import TraceInfo, trace
@@ -44,6 +45,8 @@ class RewriteRecord:
             export's guards does not pickle, and ``seedrand.save``/``load`` keep what collection needs.
         originals: for a kept model, per layer a seedrand module replaced, that layer on the ``meta`` device (no
             data): what ``seedrand.merge`` rebuilds.
+        skipped: per module an ``optional: true`` rule selected but the traced forward never reads (a head a
+            checkpoint holds that this forward does not use), why it was skipped; those are not in ``targets``.
     """
 
     policy: Policy
@@ -53,6 +56,7 @@ class RewriteRecord:
     collections: list[list[int]] = field(default_factory=list)
     graph: Optional[fx.GraphModule] = None
     originals: dict[str, nn.Module] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "graph": None}
@@ -167,11 +171,16 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
         if check is not None:
             check(model, group)
     gm, info = trace(model, {t.qualname for t in targets}, example_inputs, dynamic_shapes)
+    skipped = {t.qualname: f"rule {t.rule.label} (optional): the traced forward never reads it"
+               for t in targets if t.rule.optional and not reads_module(gm, t.qualname)}
+    targets = [t for t in targets if t.qualname not in skipped or not t.rule.optional]
     for group in groups:
-        ACTIONS[group[0].rule.action].apply(gm, group)
+        applied = [t for t in group if t in targets]
+        if applied:
+            ACTIONS[group[0].rule.action].apply(gm, applied)
     gm.graph.lint()
     gm.recompile()
-    record = RewriteRecord(policy, targets, info, example_inputs)
+    record = RewriteRecord(policy, targets, info, example_inputs, skipped=skipped)
     gm.meta[RECORD_KEY] = record
     if graph:
         return gm
