@@ -78,17 +78,26 @@ class LayerSpec:
         resize: ``(module) -> None``: sets the module's size attributes from its tensors' shapes after garbage
             collection shrank them in a kept model; ``None``: the layout's (``out_features``/``in_features``,
             ``out_channels``/``in_channels``, ``num_embeddings``/``embedding_dim``, each where the module has it).
+        delegate: instead of a layout, the name of the child that holds the weight (a wrapper: PEFT's LoRA layers
+            wrap ``base_layer``): actions that own the weight (``random``, ``freeze_fraction``, ``subspace``,
+            ``grow``) selecting the wrapper apply to that child, the wrapper's own code (its adapters) unchanged.
 
     Raises:
-        ValueError: an unknown layout, or ``transposed`` on a layout other than ``"linear"``.
+        ValueError: an unknown layout, neither a layout nor a delegate (or both), or ``transposed`` on a layout
+            other than ``"linear"``.
     """
 
-    layout: str
+    layout: Optional[str] = None
     transposed: bool = False
     default_init: Optional[str] = None
     resize: Optional[Callable[[nn.Module], None]] = None
+    delegate: Optional[str] = None
 
     def __post_init__(self):
+        if (self.layout is None) == (self.delegate is None):
+            raise ValueError("a LayerSpec gives either a layout or the delegate child that holds the weight")
+        if self.delegate is not None:
+            return
         if self.layout not in LAYOUTS:
             raise ValueError(f"LayerSpec layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
         if self.transposed and self.layout != "linear":
@@ -106,7 +115,10 @@ class LayerSpec:
         return 1 if self.transposed or self.layout in ("conv_transpose", "embedding") else 0
 
     def follow(self, module: nn.Module) -> None:
-        """Set ``module``'s size attributes from its tensors (``resize``, else the layout's rule)."""
+        """Set ``module``'s size attributes from its tensors (``resize``, else the layout's rule; a delegating
+        wrapper's child follows by its own spec)."""
+        if self.delegate is not None:
+            return
         if self.resize is not None:
             self.resize(module)
         elif self.layout == "linear":
@@ -147,7 +159,8 @@ def mro_lookup(registry: dict[Union[type, str], T], cls: type) -> Optional[T]:
 
 def registered_names() -> str:
     """The registered layer classes' names, comma-separated (for errors)."""
-    return ", ".join((c if isinstance(c, str) else c.__qualname__).rpartition(".")[2].lstrip("_") for c in _LAYERS)
+    return ", ".join((c if isinstance(c, str) else c.__qualname__).rpartition(".")[2].lstrip("_")
+                     for c, spec in _LAYERS.items() if spec.delegate is None)
 
 
 def layer_spec(cls: type) -> Optional[LayerSpec]:
@@ -162,3 +175,4 @@ register_layer("transformers.pytorch_utils.Conv1D", LayerSpec(
 register_layer(nn.modules.conv._ConvNd, LayerSpec("conv"))
 register_layer(nn.modules.conv._ConvTransposeNd, LayerSpec("conv_transpose"))
 register_layer(nn.Embedding, LayerSpec("embedding"))
+register_layer("peft.tuners.tuners_utils.BaseTunerLayer", LayerSpec(delegate="base_layer"))

@@ -77,6 +77,7 @@ def _scale_outputs(owner: nn.Module, scale: torch.Tensor, name: str) -> None:
             BatchNorm/LayerNorm: the gate cannot be folded.
     """
     spec = layer_spec(type(owner))
+    spec = spec if spec is not None and spec.layout is not None else None  # a wrapper's output is not its weight's
     if spec is not None:
         dim = spec.output_dim
     elif isinstance(owner, (nn.modules.batchnorm._NormBase, nn.LayerNorm)) and owner.weight is not None:

@@ -268,3 +268,39 @@ def test_most_derived_registration_wins(monkeypatch):
     register_layer(Sub, spec)
     assert layer_spec(Sub) is spec and layer_spec(nn.Linear) is not spec
     assert layer_spec(nn.ConvTranspose2d).layout == "conv_transpose" and layer_spec(nn.Conv2d).layout == "conv"
+
+
+class Attention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.q, self.v, self.out = nn.Linear(8, 16), nn.Linear(8, 16), nn.Linear(32, 2)
+
+    def forward(self, x):
+        return self.out(torch.cat([torch.relu(self.q(x)), torch.relu(self.v(x))], -1))
+
+
+def test_a_weight_action_on_a_peft_lora_layer_applies_to_its_base_layer():
+    """PEFT's LoRA layers are registered as wrappers of ``base_layer`` (LayerSpec(delegate=...)): ``random`` on a
+    ``lora.Linear`` regenerates the frozen base weight and keeps the adapters trainable, in the PeftModel too."""
+    peft = pytest.importorskip("peft")
+    peft_model = peft.get_peft_model(seeded(Attention), peft.LoraConfig(r=2, target_modules=["q"],
+                                                                        init_lora_weights=False))
+    x = torch.randn(4, 8)
+    policy = {"version": 1, "rules": [{"match": {"types": ["peft.tuners.lora.layer.Linear"]}, "random": {}}]}
+    kept = seedrand.rewrite(peft_model, policy, (x,))
+    q = kept.base_model.model.q
+    assert isinstance(q.base_layer, RandomLinear) and type(q).__name__ == "Linear"
+    assert sorted(n for n, p in kept.named_parameters() if p.requires_grad) == [
+        "base_model.model.q.lora_A.default.weight", "base_model.model.q.lora_B.default.weight"]
+    inner = peft_model.base_model.model
+    delta = q.lora_B["default"](q.lora_A["default"](x)) * q.scaling["default"]
+    expected = inner.out(torch.cat([torch.relu(q.base_layer(x) + delta), torch.relu(inner.v(x))], -1))
+    torch.testing.assert_close(kept(x), expected)
+    with pytest.raises(seedrand.PolicyError, match=r"filter_gates applies to the layer a Linear wraps: select its "
+                                                   r"'base_layer'"):
+        seedrand.rewrite(peft_model, {"version": 1, "rules": [{"match": {"types": ["peft.tuners.lora.layer.Linear"]},
+                                                               "filter_gates": {}}]}, (x,))
+    both = {"version": 1, "rules": [policy["rules"][0], {"match": {"modules": ["re:.*q.base_layer"]},
+                                                         "freeze_fraction": {"fraction": 0.5}}]}
+    with pytest.raises(seedrand.PolicyError, match="both own its weight"):
+        seedrand.rewrite(peft_model, both, (x,))

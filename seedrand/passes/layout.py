@@ -177,6 +177,7 @@ def layout(gm: fx.GraphModule, target: Target) -> Layout:
         PolicyError: the module's class is not registered (``seedrand.register_layer``), it has no weight, or it is
             a grouped transposed convolution (names the module, the rule and its YAML line).
     """
+    spec_of(target)  # an unregistered class or a wrapper is named as such, before its missing weight
     lay = layout_of(target, tuple(stored_weight(gm, target).shape))
     if lay.kind == "conv_transpose" and conv_hyperparameters(gm, target, lay)["groups"] != 1:
         raise target.error(f"{target.rule.action} supports transposed convolutions with groups=1 only")
@@ -190,6 +191,9 @@ def spec_of(target: Target) -> LayerSpec:
         PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``).
     """
     spec = layer_spec(target.cls)
+    if spec is not None and spec.delegate is not None:
+        raise target.error(f"{target.rule.action} applies to the layer a {target.cls.__name__} wraps: select its "
+                           f"{spec.delegate!r}")
     if spec is None:
         raise target.error(f"{target.rule.action} applies to registered layer classes ({registered_names()}); "
                            f"register {target.cls.__qualname__} with seedrand.register_layer if its forward is one "

@@ -406,7 +406,7 @@ class ChannelGraph:
     def _call_module(self, node: fx.Node):
         module = self.gm.get_submodule(node.target)
         spec = layer_spec(type(module))
-        if spec is not None and spec.layout != "embedding":
+        if spec is not None and spec.layout in ("linear", "conv", "conv_transpose"):
             self.layers[node] = module
             return self._layer(node, node.args[0], Ref(module, "weight"), self._module_ref(module, "bias"),
                                getattr(module, "groups", 1), spec.transposed or spec.layout == "conv_transpose",

@@ -3,9 +3,10 @@ in its tree (the kept model), or the rewritten GraphModule (``graph=True``)."""
 
 from __future__ import annotations
 
-import copy
-import itertools
 import contextlib
+import copy
+import dataclasses
+import itertools
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Optional, Union
@@ -15,6 +16,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..errors import ModelError, PolicyError
+from ..layers import layer_spec
 from ..passes import ACTIONS
 from ..policy import Policy, load_policy
 from .graph import reads_module
@@ -164,7 +166,7 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     config = getattr(model, "config", None)
     if getattr(config, "use_cache", None) is True:  # transformers' default: a DynamicCache output cannot be exported
         config.use_cache = False  # the copy's config only: the graph computes without a key/value cache
-    targets = resolve(policy, model)
+    targets = _delegated(resolve(policy, model), model)
     groups = [list(g) for _, g in itertools.groupby(targets, key=lambda t: id(t.rule))]  # listed rule by rule
     for group in groups:
         check = ACTIONS[group[0].rule.action].check
@@ -192,6 +194,30 @@ def rewrite(model: nn.Module, policy: Union[Policy, str, Path, dict], example_in
     record.graph = gm
     kept.__dict__[KEPT_RECORD_KEY] = record
     return kept
+
+
+def _delegated(targets: list[Target], model: nn.Module) -> list[Target]:
+    """``targets``, where an action that owns the weight selects a wrapper (``LayerSpec.delegate``: PEFT's LoRA
+    layers), retargeted to the wrapped child that holds the weight, under the same rule.
+
+    Raises:
+        PolicyError: two rules' weight actions reach one layer, one through its wrapper (names both rules).
+    """
+    owners: dict[str, Target] = {}
+    result = []
+    for target in targets:
+        spec = layer_spec(target.cls)
+        while ACTIONS[target.rule.action].owns_weight and spec is not None and spec.delegate is not None:
+            qualname = f"{target.qualname}.{spec.delegate}" if target.qualname else spec.delegate
+            target = dataclasses.replace(target, qualname=qualname, cls=type(model.get_submodule(qualname)))
+            spec = layer_spec(target.cls)
+        if ACTIONS[target.rule.action].owns_weight:
+            other = owners.setdefault(target.qualname, target)
+            if other.rule is not target.rule:
+                raise target.error(f"{target.rule.action} and rule {other.rule.label}'s {other.rule.action} both "
+                                   "own its weight (one selects the wrapper around it)")
+        result.append(target)
+    return result
 
 
 @contextlib.contextmanager
