@@ -14,6 +14,10 @@ parameters:
 * ``"conv_transpose"``: ``nn.ConvTranspose{1,2,3}d``'s ``F.conv_transpose{n}d(x, W, b, stride, padding,
   output_padding, groups, dilation)``, ``W`` stored ``(in, out / groups, *kernel)``; channels in dimension 1.
 * ``"embedding"``: ``y = W[x]``, ``W`` stored ``(num_embeddings, embedding_dim)``.
+* ``"experts"``: a mixture-of-experts layer keeping each of its ``weights`` as one 3D parameter ``(num_experts, out,
+  in)`` (``transposed``: ``(num_experts, in, out)``), expert ``e`` computing ``x @ W[e].T``: transformers 5's
+  ``MixtralExperts`` (``gate_up_proj``, ``down_proj``), Qwen2/3-MoE, OLMoE, DeepSeek-V3. Only ``random`` (and
+  ``freeze``) apply: its weights become tensors regenerated for each forward, stored nowhere.
 
 Hyperparameters (``stride``, ``padding``, ``output_padding``, ``dilation``, ``groups``, ``padding_idx``) are read from
 the module's attributes of those names, with PyTorch's defaults where it has none.
@@ -28,9 +32,9 @@ import torch.nn as nn
 
 __all__ = ["LayerSpec", "LAYOUTS", "register_layer", "layer_spec", "mro_lookup", "registered_names"]
 
-LAYOUTS = ("linear", "conv", "conv_transpose", "embedding")
+LAYOUTS = ("linear", "conv", "conv_transpose", "embedding", "experts")
 _DEFAULT_INIT = {"linear": "kaiming_uniform", "conv": "kaiming_uniform", "conv_transpose": "kaiming_uniform",
-                 "embedding": "normal(1.0)"}
+                 "embedding": "normal(1.0)", "experts": "normal(0.02)"}
 
 
 def _resize_linear(module: nn.Module, transposed: bool) -> None:
@@ -70,11 +74,13 @@ class LayerSpec:
 
     Attributes:
         layout: one of :data:`LAYOUTS`.
-        transposed: ``"linear"`` only: the weight is stored ``(in, out)`` (transformers' ``Conv1D``). Its Philox
+        transposed: ``"linear"``: the weight is stored ``(in, out)`` (transformers' ``Conv1D``); its Philox
             counters are those of the ``(out, in)`` weight, so a transposed and a plain layer of the same shape
-            regenerate the same matrix.
+            regenerate the same matrix. ``"experts"``: each expert's matrix is stored ``(in, out)``.
+        weights: ``"experts"`` only: the names of its 3D weight parameters (other layouts: ``("weight",)``).
         default_init: the layer's own init (a ``seedrand.kernels.init`` name), used where a rule gives no ``init``;
-            ``None``: the layout's (PyTorch's default ``kaiming_uniform``; ``normal(1.0)`` for an embedding).
+            ``None``: the layout's (PyTorch's default ``kaiming_uniform``; ``normal(1.0)`` for an embedding;
+            transformers' ``normal(0.02)`` for experts).
         resize: ``(module) -> None``: sets the module's size attributes from its tensors' shapes after garbage
             collection shrank them in a kept model; ``None``: the layout's (``out_features``/``in_features``,
             ``out_channels``/``in_channels``, ``num_embeddings``/``embedding_dim``, each where the module has it).
@@ -92,6 +98,7 @@ class LayerSpec:
     default_init: Optional[str] = None
     resize: Optional[Callable[[nn.Module], None]] = None
     delegate: Optional[str] = None
+    weights: tuple[str, ...] = ("weight",)
 
     def __post_init__(self):
         if (self.layout is None) == (self.delegate is None):
@@ -100,9 +107,12 @@ class LayerSpec:
             return
         if self.layout not in LAYOUTS:
             raise ValueError(f"LayerSpec layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
-        if self.transposed and self.layout != "linear":
+        if self.transposed and self.layout not in ("linear", "experts"):
             raise ValueError("LayerSpec(transposed=True) describes a linear layer stored (in, out); a transposed "
                              "convolution is layout='conv_transpose'")
+        if self.weights != ("weight",) and self.layout != "experts":
+            raise ValueError("LayerSpec(weights=...) names the 3D parameters of layout='experts'; other layouts "
+                             "keep theirs as 'weight'")
 
     @property
     def init(self) -> str:
@@ -117,7 +127,7 @@ class LayerSpec:
     def follow(self, module: nn.Module) -> None:
         """Set ``module``'s size attributes from its tensors (``resize``, else the layout's rule; a delegating
         wrapper's child follows by its own spec)."""
-        if self.delegate is not None:
+        if self.delegate is not None or self.layout == "experts":  # not shrunk by garbage collection
             return
         if self.resize is not None:
             self.resize(module)
@@ -176,3 +186,7 @@ register_layer(nn.modules.conv._ConvNd, LayerSpec("conv"))
 register_layer(nn.modules.conv._ConvTransposeNd, LayerSpec("conv_transpose"))
 register_layer(nn.Embedding, LayerSpec("embedding"))
 register_layer("peft.tuners.tuners_utils.BaseTunerLayer", LayerSpec(delegate="base_layer"))
+for _experts in ("mixtral.modeling_mixtral.MixtralExperts", "qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts",
+                 "qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts", "olmoe.modeling_olmoe.OlmoeExperts",
+                 "deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"):
+    register_layer(f"transformers.models.{_experts}", LayerSpec("experts", weights=("gate_up_proj", "down_proj")))

@@ -304,3 +304,40 @@ def test_a_weight_action_on_a_peft_lora_layer_applies_to_its_base_layer():
                                                          "freeze_fraction": {"fraction": 0.5}}]}
     with pytest.raises(seedrand.PolicyError, match="both own its weight"):
         seedrand.rewrite(peft_model, both, (x,))
+
+
+def tiny_mixtral():
+    transformers = pytest.importorskip("transformers")
+    config = transformers.MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_local_experts=4,
+                                        num_experts_per_tok=2, max_position_embeddings=64)
+    return seeded(lambda: transformers.MixtralForCausalLM(config)).eval(), torch.randint(0, 64, (2, 8))
+
+
+def test_random_on_mixture_of_experts_weights(tmp_path):
+    """transformers 5 keeps a MoE layer's experts as 3D parameters (MixtralExperts.gate_up_proj, down_proj): the
+    "experts" layout regenerates them, so a random Mixtral stores its embeddings, norms, routers and head only."""
+    model, tokens = tiny_mixtral()
+    linear = {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Linear"], "exclude": ["lm_head"]},
+                                                  "random": {}}]}
+    experts = {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Linear", "MixtralExperts"],
+                                                             "exclude": ["lm_head"]}, "random": {}}]}
+    stored = {name: sum(p.numel() for p in seedrand.rewrite(model, policy, (tokens,)).parameters())
+              for name, policy in (("linear", linear), ("experts", experts))}
+    total = sum(p.numel() for p in model.parameters())
+    assert stored["linear"] / total > 0.8 and stored["experts"] / total < 0.15, (stored, total)
+    kept = seedrand.rewrite(model, experts, (tokens,))
+    layer = kept.model.layers[1].mlp.experts
+    qualname = "model.layers.1.mlp.experts"
+    expected = sample(derive_seed(2, qualname, "gate_up_proj"), (4, 96, 32), "normal", 0.02)
+    assert torch.equal(layer.gate_up_proj, expected) and not layer.gate_up_proj.requires_grad
+    assert not any("gate_up_proj" in n or "down_proj" in n for n, _ in kept.named_parameters())
+    seedrand.save(kept, tmp_path / "moe.safetensors")
+    loaded = seedrand.load(tmp_path / "moe.safetensors")
+    torch.testing.assert_close(loaded(tokens).logits, kept(tokens).logits)
+    merged = seedrand.merge(kept)
+    assert isinstance(merged.model.layers[1].mlp.experts.gate_up_proj, nn.Parameter)
+    torch.testing.assert_close(merged(tokens).logits, kept(tokens).logits)
+    with pytest.raises(seedrand.PolicyError, match=r"freeze_fraction does not apply to a mixture-of-experts layer"):
+        seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["MixtralExperts"]},
+                                                          "freeze_fraction": {"fraction": 0.5}}]}, (tokens,))

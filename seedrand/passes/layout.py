@@ -28,7 +28,7 @@ from ..rewriter.match import Target
 from .regenerated import Stream
 
 __all__ = ["Layout", "layout", "layout_of", "row_major_strides", "slice_counters", "substitute_weight",
-           "stored_weight", "weight_readers", "call_sites", "sibling_name", "conv_hyperparameters", "CONV_OPS"]
+           "stored_weight", "weight_readers", "call_sites", "sibling_name", "conv_hyperparameters", "spec_of", "CONV_OPS"]
 
 _aten = torch.ops.aten
 CONV_OPS = {_aten.conv1d.default, _aten.conv2d.default, _aten.conv3d.default, _aten.conv1d.padding,
@@ -191,6 +191,9 @@ def spec_of(target: Target) -> LayerSpec:
         PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``).
     """
     spec = layer_spec(target.cls)
+    if spec is not None and spec.layout == "experts" and target.rule.action != "random":
+        raise target.error(f"{target.rule.action} does not apply to a mixture-of-experts layer's 3D weights; random "
+                           "and freeze do")
     if spec is not None and spec.delegate is not None:
         raise target.error(f"{target.rule.action} applies to the layer a {target.cls.__name__} wraps: select its "
                            f"{spec.delegate!r}")

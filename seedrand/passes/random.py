@@ -21,16 +21,18 @@ from pydantic import Field
 
 from ..actions import StrictModel, ActionSpec, Init, per_module, register_action
 from ..kernels.dispatch import autocast_input, plain_torch_ops
-from ..kernels.init import init_distribution, sample_at
+from ..kernels.init import init_distribution, sample, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
-from ..rewriter.graph import erase_with_dead_inputs, full_args, install
+from ..layers import LayerSpec
+from ..rewriter.graph import erase_with_dead_inputs, full_args, inline_module, install, substitute_tensor
 from ..rewriter.match import Target
-from .layout import (Layout, call_sites, conv_hyperparameters, layout, layout_of, stored_weight,
+from .layout import (Layout, call_sites, conv_hyperparameters, layout, layout_of, spec_of, stored_weight,
                      weight_readers)
 from .regenerated import Regenerating, Stream
 
-__all__ = ["Random", "RandomLinear", "RandomConv", "RandomConvTranspose", "RandomEmbedding", "random", "random_captured"]
+__all__ = ["Random", "RandomLinear", "RandomConv", "RandomConvTranspose", "RandomEmbedding", "RandomTensor", "random",
+           "random_captured"]
 
 
 class Random(StrictModel):
@@ -221,6 +223,52 @@ class RandomEmbedding(_RandomLayer):
         return rows.masked_fill((indices == self.padding_idx).unsqueeze(-1), 0.0)
 
 
+class RandomTensor(Regenerating):
+    """A whole weight tensor regenerated from its Philox key on every call (``random`` on a mixture-of-experts
+    layer's 3D weights, which its own forward indexes per expert): stored nowhere, materialized per forward.
+
+    Args:
+        stream: the tensor's key, distribution and shape; element ``j`` (row-major) is Philox counter ``j``.
+        dtype: the replaced parameter's dtype (follows ``module.to(dtype)``).
+
+    ``forward()`` takes no input and returns the tensor: ``stream.shape``, the module's dtype and device; no gradient.
+    """
+
+    def __init__(self, stream: Stream, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.register_dtype(dtype)
+        self.streams["value"] = stream
+
+    def forward(self) -> torch.Tensor:
+        stream = self.streams["value"]
+        return sample(stream.seed, stream.shape, stream.kind, stream.scale, self.dtype, self.dtype_probe.device)
+
+    def extra_repr(self) -> str:
+        stream = self.streams["value"]
+        return f"shape={stream.shape}, {stream.kind}({stream.scale:.4g}), seed={stream.seed}"
+
+
+def _random_experts(gm: fx.GraphModule, target: Target, spec: LayerSpec) -> None:
+    """``random`` on a mixture-of-experts layer (layout ``"experts"``): each of its 3D weights becomes a
+    :class:`RandomTensor` that the traced forward reads where it read the parameter (the kept model's own forward
+    reads it as an attribute). Philox key ``derive_seed(seed, qualname, name)``; fans those of one expert's matrix.
+
+    Raises:
+        PolicyError: a bias mode other than ``keep`` (the layer's biases are not handled), or the traced forward
+            never reads one of its weights.
+    """
+    if target.rule.params.bias != "keep":
+        raise target.error("random on a mixture-of-experts layer regenerates its 3D weights only: bias must be keep")
+    inline_module(gm, target.qualname)
+    for name in spec.weights:
+        value = gm.get_parameter(f"{target.qualname}.{name}")
+        rows, cols = value.shape[1:] if not spec.transposed else value.shape[:0:-1]
+        kind, scale = init_distribution(target.rule.params.init or spec.init, cols, rows)
+        stream = Stream(derive_seed(target.seed, target.qualname, name), kind, scale, tuple(value.shape))
+        if not substitute_tensor(gm, f"{target.qualname}.{name}", RandomTensor(stream, value.dtype)):
+            raise target.error(f"its {name} is never used by the traced forward")
+
+
 def _bias(target: Target, stored: Optional[torch.Tensor]) -> nn.Parameter | int | None:
     mode = target.rule.params.bias
     if mode == "zero" or (stored is None and mode in ("keep", "trainable")):
@@ -308,6 +356,9 @@ def random(gm: fx.GraphModule, target: Target) -> None:
         PolicyError: the module's class is not registered, its weight is shared with other ops, or its padding is
             not zeros on both sides alike (names the module, the rule and its YAML line).
     """
+    spec = spec_of(target)
+    if spec.layout == "experts":
+        return _random_experts(gm, target, spec)
     try:
         stored_bias = gm.get_parameter(f"{target.qualname}.bias")
     except AttributeError:
