@@ -25,17 +25,15 @@ from llvmlite import ir
 from numba import njit, prange, types
 from numba.extending import intrinsic
 
+from .constants import PHILOX_KEY_BUMP, PHILOX_MULTIPLIERS, PHILOX_ROUNDS, UINT32_TO_UNIT
 from .dispatch import is_functorch_wrapped_tensor
 
 __all__ = ["usable", "randint", "rand", "randn", "symmetric_uniform", "covering_blocks"]
 
-_A = np.uint64(0xD2511F53)
-_B = np.uint64(0xCD9E8D57)
+_A, _B = (np.uint64(m) for m in PHILOX_MULTIPLIERS)
 _M = np.uint64(0xFFFFFFFF)
 _S = np.uint64(32)
-# Triton's uint32 -> [0, 1) factor (as float32, the float just below 2**-31): the folded int32 word times it is
-# Triton's uniform
-_TO_UNIT = 4.6566127342e-10
+_TO_UNIT = UINT32_TO_UNIT
 # blocks (counters) per task: large enough to amortize scheduling, small enough that a 1 MiB request still splits
 # over both threads
 _CHUNK = 1024
@@ -105,7 +103,7 @@ def _rounds_ir(builder, counters, keys):
     vector = counters.type
     low, shift = ir.Constant(vector, 0xFFFFFFFF), ir.Constant(vector, 32)
     c0, c1, c2, c3 = builder.and_(counters, low), builder.lshr(counters, shift), vector(0), vector(0)
-    for r in range(10):
+    for r in range(PHILOX_ROUNDS):
         p0 = builder.mul(builder.and_(c0, low), ir.Constant(vector, int(_A)))
         p1 = builder.mul(builder.and_(c2, low), ir.Constant(vector, int(_B)))
         # the key is folded in first, off the multiply's critical path
@@ -319,8 +317,8 @@ def _normal_at(keys, offsets, out):
 def _round_keys(key64: int) -> np.ndarray:
     """The 20 round keys of ``key64`` (uint32, read-only; cached: a layer asks for the same key block after block)."""
     k0, k1 = key64 & 0xFFFFFFFF, key64 >> 32
-    keys = np.array([(k0 + r * 0x9E3779B9) & 0xFFFFFFFF for r in range(10)] +
-                    [(k1 + r * 0xBB67AE85) & 0xFFFFFFFF for r in range(10)], dtype=np.uint32)
+    keys = np.array([(k0 + r * PHILOX_KEY_BUMP[0]) & 0xFFFFFFFF for r in range(PHILOX_ROUNDS)] +
+                    [(k1 + r * PHILOX_KEY_BUMP[1]) & 0xFFFFFFFF for r in range(PHILOX_ROUNDS)], dtype=np.uint32)
     keys.flags.writeable = False
     return keys
 

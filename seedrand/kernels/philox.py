@@ -30,16 +30,13 @@ import hashlib
 import torch
 
 from . import cpu_philox
+from .constants import PHILOX_KEY_BUMP, PHILOX_MULTIPLIERS, PHILOX_ROUNDS, UINT32_TO_UNIT
 
 __all__ = ["philox4x32", "randint", "rand", "randn", "philox_words", "derive_seed", "check_seed", "check_offsets",
            "PHILOX_ROUNDS"]
 
-PHILOX_ROUNDS = 10
-_A = 0xD2511F53
-_B = 0xCD9E8D57
-_KEY_BUMP = (0x9E3779B9, 0xBB67AE85)
+_A, _B = PHILOX_MULTIPLIERS
 _MASK32 = 0xFFFFFFFF
-_UINT_TO_FLOAT = 4.6566127342e-10
 _SEED_RANGE = (-(2**63), 2**64)
 
 
@@ -91,8 +88,8 @@ def philox4x32(
             ((p0 >> 32) & _MASK32) ^ c3 ^ k1,
             p0 & _MASK32,
         )
-        k0 = (k0 + _KEY_BUMP[0]) & _MASK32
-        k1 = (k1 + _KEY_BUMP[1]) & _MASK32
+        k0 = (k0 + PHILOX_KEY_BUMP[0]) & _MASK32
+        k1 = (k1 + PHILOX_KEY_BUMP[1]) & _MASK32
     return c0, c1, c2, c3
 
 
@@ -163,7 +160,7 @@ def _counter(blocks: torch.Tensor) -> tuple[torch.Tensor, ...]:
 def _uint32_to_uniform(x: torch.Tensor) -> torch.Tensor:
     signed = torch.where(x >= 2**31, x - 2**32, x)  # reinterpret the uint32 word as int32
     signed = torch.where(signed < 0, -signed - 1, signed)
-    return signed.to(torch.float32) * torch.tensor(_UINT_TO_FLOAT, dtype=torch.float32, device=x.device)
+    return signed.to(torch.float32) * torch.tensor(UINT32_TO_UNIT, dtype=torch.float32, device=x.device)
 
 
 def randint(seed: int, offsets: torch.Tensor | range) -> torch.Tensor:
