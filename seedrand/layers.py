@@ -14,10 +14,11 @@ parameters:
 * ``"conv_transpose"``: ``nn.ConvTranspose{1,2,3}d``'s ``F.conv_transpose{n}d(x, W, b, stride, padding,
   output_padding, groups, dilation)``, ``W`` stored ``(in, out / groups, *kernel)``; channels in dimension 1.
 * ``"embedding"``: ``y = W[x]``, ``W`` stored ``(num_embeddings, embedding_dim)``.
-* ``"experts"``: a mixture-of-experts layer keeping each of its ``weights`` as one 3D parameter ``(num_experts, out,
-  in)`` (``transposed``: ``(num_experts, in, out)``), expert ``e`` computing ``x @ W[e].T``: transformers 5's
-  ``MixtralExperts`` (``gate_up_proj``, ``down_proj``), Qwen2/3-MoE, OLMoE, DeepSeek-V3. Only ``random`` (and
-  ``freeze``) apply: its weights become tensors regenerated for each forward, stored nowhere.
+* ``"tensors"``: a layer whose own forward reads its ``weights`` as tensors, each a matrix ``(out, in)`` or a stack of
+  them ``(..., out, in)`` (``transposed``: ``(..., in, out)``): ``nn.MultiheadAttention``'s ``in_proj_weight`` (or
+  its ``q/k/v_proj_weight``), and the experts of transformers 5's mixture-of-experts layers, kept as 3D parameters
+  ``(num_experts, out, in)`` (``MixtralExperts.gate_up_proj``/``down_proj``, Qwen2/3-MoE, OLMoE, DeepSeek-V3). Only
+  ``random`` (and ``freeze``) apply: the weights become tensors regenerated for each forward, stored nowhere.
 
 Hyperparameters (``stride``, ``padding``, ``output_padding``, ``dilation``, ``groups``, ``padding_idx``) are read from
 the module's attributes of those names, with PyTorch's defaults where it has none.
@@ -32,9 +33,9 @@ import torch.nn as nn
 
 __all__ = ["LayerSpec", "LAYOUTS", "register_layer", "layer_spec", "mro_lookup", "registered_names"]
 
-LAYOUTS = ("linear", "conv", "conv_transpose", "embedding", "experts")
+LAYOUTS = ("linear", "conv", "conv_transpose", "embedding", "tensors")
 _DEFAULT_INIT = {"linear": "kaiming_uniform", "conv": "kaiming_uniform", "conv_transpose": "kaiming_uniform",
-                 "embedding": "normal(1.0)", "experts": "normal(0.02)"}
+                 "embedding": "normal(1.0)", "tensors": "normal(0.02)"}
 
 
 def _resize_linear(module: nn.Module, transposed: bool) -> None:
@@ -76,11 +77,12 @@ class LayerSpec:
         layout: one of :data:`LAYOUTS`.
         transposed: ``"linear"``: the weight is stored ``(in, out)`` (transformers' ``Conv1D``); its Philox
             counters are those of the ``(out, in)`` weight, so a transposed and a plain layer of the same shape
-            regenerate the same matrix. ``"experts"``: each expert's matrix is stored ``(in, out)``.
-        weights: ``"experts"`` only: the names of its 3D weight parameters (other layouts: ``("weight",)``).
+            regenerate the same matrix. ``"tensors"``: each matrix is stored ``(in, out)``.
+        weights: ``"tensors"`` only: the names of its weight parameters (those a module lacks, or holds as
+            ``None``, are skipped); other layouts: ``("weight",)``.
         default_init: the layer's own init (a ``seedrand.kernels.init`` name), used where a rule gives no ``init``;
             ``None``: the layout's (PyTorch's default ``kaiming_uniform``; ``normal(1.0)`` for an embedding;
-            transformers' ``normal(0.02)`` for experts).
+            transformers' ``normal(0.02)`` for ``"tensors"``).
         resize: ``(module) -> None``: sets the module's size attributes from its tensors' shapes after garbage
             collection shrank them in a kept model; ``None``: the layout's (``out_features``/``in_features``,
             ``out_channels``/``in_channels``, ``num_embeddings``/``embedding_dim``, each where the module has it).
@@ -107,12 +109,12 @@ class LayerSpec:
             return
         if self.layout not in LAYOUTS:
             raise ValueError(f"LayerSpec layout must be one of {', '.join(LAYOUTS)}, not {self.layout!r}")
-        if self.transposed and self.layout not in ("linear", "experts"):
+        if self.transposed and self.layout not in ("linear", "tensors"):
             raise ValueError("LayerSpec(transposed=True) describes a linear layer stored (in, out); a transposed "
                              "convolution is layout='conv_transpose'")
-        if self.weights != ("weight",) and self.layout != "experts":
-            raise ValueError("LayerSpec(weights=...) names the 3D parameters of layout='experts'; other layouts "
-                             "keep theirs as 'weight'")
+        if self.weights != ("weight",) and self.layout != "tensors":
+            raise ValueError("LayerSpec(weights=...) names the parameters of layout='tensors'; other layouts keep "
+                             "theirs as 'weight'")
 
     @property
     def init(self) -> str:
@@ -127,7 +129,7 @@ class LayerSpec:
     def follow(self, module: nn.Module) -> None:
         """Set ``module``'s size attributes from its tensors (``resize``, else the layout's rule; a delegating
         wrapper's child follows by its own spec)."""
-        if self.delegate is not None or self.layout == "experts":  # not shrunk by garbage collection
+        if self.delegate is not None or self.layout == "tensors":  # not shrunk by garbage collection
             return
         if self.resize is not None:
             self.resize(module)
@@ -185,8 +187,10 @@ register_layer("transformers.pytorch_utils.Conv1D", LayerSpec(
 register_layer(nn.modules.conv._ConvNd, LayerSpec("conv"))
 register_layer(nn.modules.conv._ConvTransposeNd, LayerSpec("conv_transpose"))
 register_layer(nn.Embedding, LayerSpec("embedding"))
+register_layer(nn.MultiheadAttention, LayerSpec("tensors", default_init="xavier_uniform", weights=(
+    "in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")))
 register_layer("peft.tuners.tuners_utils.BaseTunerLayer", LayerSpec(delegate="base_layer"))
 for _experts in ("mixtral.modeling_mixtral.MixtralExperts", "qwen2_moe.modeling_qwen2_moe.Qwen2MoeExperts",
                  "qwen3_moe.modeling_qwen3_moe.Qwen3MoeExperts", "olmoe.modeling_olmoe.OlmoeExperts",
                  "deepseek_v3.modeling_deepseek_v3.DeepseekV3Experts"):
-    register_layer(f"transformers.models.{_experts}", LayerSpec("experts", weights=("gate_up_proj", "down_proj")))
+    register_layer(f"transformers.models.{_experts}", LayerSpec("tensors", weights=("gate_up_proj", "down_proj")))

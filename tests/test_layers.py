@@ -316,7 +316,7 @@ def tiny_mixtral():
 
 def test_random_on_mixture_of_experts_weights(tmp_path):
     """transformers 5 keeps a MoE layer's experts as 3D parameters (MixtralExperts.gate_up_proj, down_proj): the
-    "experts" layout regenerates them, so a random Mixtral stores its embeddings, norms, routers and head only."""
+    "tensors" layout regenerates them, so a random Mixtral stores its embeddings, norms, routers and head only."""
     model, tokens = tiny_mixtral()
     linear = {"version": 1, "seed": 2, "rules": [{"match": {"types": ["Linear"], "exclude": ["lm_head"]},
                                                   "random": {}}]}
@@ -338,6 +338,42 @@ def test_random_on_mixture_of_experts_weights(tmp_path):
     merged = seedrand.merge(kept)
     assert isinstance(merged.model.layers[1].mlp.experts.gate_up_proj, nn.Parameter)
     torch.testing.assert_close(merged(tokens).logits, kept(tokens).logits)
-    with pytest.raises(seedrand.PolicyError, match=r"freeze_fraction does not apply to a mixture-of-experts layer"):
+    with pytest.raises(seedrand.PolicyError, match=r"freeze_fraction does not apply to a layer whose forward reads "
+                                                   r"its weights as tensors"):
         seedrand.rewrite(model, {"version": 1, "rules": [{"match": {"types": ["MixtralExperts"]},
                                                           "freeze_fraction": {"fraction": 0.5}}]}, (tokens,))
+
+
+class SelfAttention(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.attn, self.head = nn.MultiheadAttention(16, 4, batch_first=True), nn.Linear(16, 2)
+
+    def forward(self, x):
+        return self.head(self.attn(x, x, x, need_weights=False)[0])
+
+
+class ExportedSelfAttention(SelfAttention):
+    def forward(self, x):
+        if x.shape[0] > 0:
+            x = super().forward(x)
+        return x
+
+
+@pytest.mark.parametrize("cls", [SelfAttention, ExportedSelfAttention])
+def test_random_multihead_attention_in_projection(cls):
+    """nn.MultiheadAttention reads in_proj_weight itself (layout "tensors"): it is regenerated with PyTorch's own
+    xavier_uniform, read by the module's forward (symbolic trace, kept model) or by the exported ops."""
+    model, x = seeded(cls).eval(), torch.randn(2, 5, 16)
+    policy = {"version": 1, "seed": 4, "rules": [{"match": {"types": ["MultiheadAttention"]}, "random": {}}]}
+    weight = sample(derive_seed(4, "attn", "in_proj_weight"), (48, 16), "uniform", math.sqrt(6 / (16 + 48)))
+    reference = seeded(cls).eval()
+    with torch.no_grad():
+        reference.attn.in_proj_weight.copy_(weight)
+    for graph in (True, False):
+        rewritten = seedrand.rewrite(model, policy, (x,), graph=graph)
+        torch.testing.assert_close(rewritten(x), reference(x))
+        assert "attn.in_proj_weight" not in dict(rewritten.named_parameters())
+        assert "attn.in_proj_weight.value_seed" in rewritten.state_dict()
+    kept = seedrand.rewrite(model, policy, (x,))
+    assert torch.equal(kept.attn.in_proj_weight, weight) and kept.attn.out_proj.weight.requires_grad

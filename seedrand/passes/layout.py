@@ -191,8 +191,9 @@ def spec_of(target: Target) -> LayerSpec:
         PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``).
     """
     spec = layer_spec(target.cls)
-    if spec is not None and spec.layout == "experts" and target.rule.action != "random":
-        raise target.error(f"{target.rule.action} does not apply to a mixture-of-experts layer's 3D weights; random "
+    if spec is not None and spec.layout == "tensors" and target.rule.action != "random":
+        raise target.error(f"{target.rule.action} does not apply to a layer whose forward reads its weights as "
+                           "tensors (layout 'tensors': attention in-projections, mixture-of-experts weights); random "
                            "and freeze do")
     if spec is not None and spec.delegate is not None:
         raise target.error(f"{target.rule.action} applies to the layer a {target.cls.__name__} wraps: select its "

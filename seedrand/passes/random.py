@@ -25,7 +25,8 @@ from ..kernels.init import init_distribution, sample, sample_at
 from ..kernels.ops import DEFAULT_CHUNK_BYTES, regen_conv, regen_matmul
 from ..kernels.philox import derive_seed
 from ..layers import LayerSpec
-from ..rewriter.graph import erase_with_dead_inputs, full_args, inline_module, install, substitute_tensor
+from ..rewriter.graph import erase_with_dead_inputs, full_args, install, substitute_tensor
+from ..rewriter.kept import compute_attribute
 from ..rewriter.match import Target
 from .layout import (Layout, call_sites, conv_hyperparameters, layout, layout_of, spec_of, stored_weight,
                      weight_readers)
@@ -224,8 +225,9 @@ class RandomEmbedding(_RandomLayer):
 
 
 class RandomTensor(Regenerating):
-    """A whole weight tensor regenerated from its Philox key on every call (``random`` on a mixture-of-experts
-    layer's 3D weights, which its own forward indexes per expert): stored nowhere, materialized per forward.
+    """A whole weight tensor regenerated from its Philox key on every call (``random`` on a layer of layout
+    ``"tensors"``, whose own forward reads the tensor: attention in-projections, mixture-of-experts weights): stored
+    nowhere, materialized per forward.
 
     Args:
         stream: the tensor's key, distribution and shape; element ``j`` (row-major) is Philox counter ``j``.
@@ -248,24 +250,32 @@ class RandomTensor(Regenerating):
         return f"shape={stream.shape}, {stream.kind}({stream.scale:.4g}), seed={stream.seed}"
 
 
-def _random_experts(gm: fx.GraphModule, target: Target, spec: LayerSpec) -> None:
-    """``random`` on a mixture-of-experts layer (layout ``"experts"``): each of its 3D weights becomes a
-    :class:`RandomTensor` that the traced forward reads where it read the parameter (the kept model's own forward
-    reads it as an attribute). Philox key ``derive_seed(seed, qualname, name)``; fans those of one expert's matrix.
+def _random_tensors(gm: fx.GraphModule, target: Target, spec: LayerSpec) -> None:
+    """``random`` on a layer of layout ``"tensors"``: each of its weights becomes a :class:`RandomTensor`, read
+    where the parameter was: by the module's own forward (a leaf of a symbolic trace, and the kept model: a computed
+    attribute) or by the exported graph's ops. Philox key ``derive_seed(seed, qualname, name)``; fans those of one
+    ``(out, in)`` matrix (an expert's, in a stack).
 
     Raises:
-        PolicyError: a bias mode other than ``keep`` (the layer's biases are not handled), or the traced forward
-            never reads one of its weights.
+        PolicyError: a bias mode other than ``keep`` (the layer's biases stay as they are), the module has none of
+            the weights, or the traced forward never reads one.
     """
     if target.rule.params.bias != "keep":
-        raise target.error("random on a mixture-of-experts layer regenerates its 3D weights only: bias must be keep")
-    inline_module(gm, target.qualname)
-    for name in spec.weights:
-        value = gm.get_parameter(f"{target.qualname}.{name}")
-        rows, cols = value.shape[1:] if not spec.transposed else value.shape[:0:-1]
+        raise target.error("random on this layer regenerates its weight tensors only: bias must be keep")
+    owner = gm.get_submodule(target.qualname)
+    called = any(n.op == "call_module" and n.target == target.qualname for n in gm.graph.nodes)
+    names = [name for name in spec.weights if isinstance(getattr(owner, name, None), torch.Tensor)]
+    if not names:
+        raise target.error(f"it has none of the weights {', '.join(spec.weights)}")
+    for name in names:
+        value = getattr(owner, name)
+        rows, cols = value.shape[-2:][::-1] if spec.transposed else value.shape[-2:]
         kind, scale = init_distribution(target.rule.params.init or spec.init, cols, rows)
-        stream = Stream(derive_seed(target.seed, target.qualname, name), kind, scale, tuple(value.shape))
-        if not substitute_tensor(gm, f"{target.qualname}.{name}", RandomTensor(stream, value.dtype)):
+        module = RandomTensor(Stream(derive_seed(target.seed, target.qualname, name), kind, scale,
+                                     tuple(value.shape)), value.dtype)
+        if called:
+            compute_attribute(owner, name, module)
+        elif not substitute_tensor(gm, f"{target.qualname}.{name}", module):
             raise target.error(f"its {name} is never used by the traced forward")
 
 
@@ -357,8 +367,8 @@ def random(gm: fx.GraphModule, target: Target) -> None:
             not zeros on both sides alike (names the module, the rule and its YAML line).
     """
     spec = spec_of(target)
-    if spec.layout == "experts":
-        return _random_experts(gm, target, spec)
+    if spec.layout == "tensors":
+        return _random_tensors(gm, target, spec)
     try:
         stored_bias = gm.get_parameter(f"{target.qualname}.bias")
     except AttributeError:
