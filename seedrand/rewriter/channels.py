@@ -22,7 +22,9 @@ Zero analysis, per slot: a gate with ``theta <= 0``, a layer row whose weights a
 hardtanh, abs, dropout, pooling, zero padding, positive powers, ``mul`` by anything, ``add`` of zeros, ``cat``,
 reshapes, reductions over other dims) make of those. What an op does to channels is its rule
 (:func:`register_channel_rule`, one registration for every spelling of the op); the built-in element-wise, pooling
-and reduction ops are registered through it at import, as a user registers their own.
+and reduction ops are registered through it at import, as a user registers their own, and the structural ops
+(arithmetic, ``cat``, reshapes, permutes, splits, layers, norms, attention) register their handler the same way, once
+per op for all its spellings (``_handles``).
 
 Anything else is a **barrier**: the graph's inputs and outputs, unknown ops, norms that mix channels (LayerNorm,
 GroupNorm, RMSNorm's mean over channels), reductions over the channel dimension, shared (tied) parameters read by
@@ -41,6 +43,7 @@ statistics, gates, per-channel operands), :attr:`ChannelGraph.sizes` (literal si
 
 from __future__ import annotations
 
+import functools
 import math
 import operator
 from dataclasses import dataclass
@@ -64,17 +67,19 @@ _OP_RULES: dict[object, str] = {}  # every spelling of an op -> its rule
 _MODULE_RULES: dict[Union[type, str], str] = {}  # module classes (or qualified names) -> their rule
 
 
-def op_spellings(op: Union[str, Callable]) -> list:
+def op_spellings(op: Union[str, Callable], overloads: Optional[tuple[str, ...]] = None) -> list:
     """Every spelling under which a traced graph calls ``op``: for a name (``"relu"``) the ``torch``,
-    ``torch.nn.functional`` and ``Tensor`` method spellings that exist and ``aten.<name>`` with all its overloads;
-    for an op overload packet (``torch.ops.mylib.swish``) the packet and its overloads; else ``op`` itself."""
+    ``torch.nn.functional`` and ``Tensor`` method spellings that exist and ``aten.<name>`` with its overloads (those
+    named in ``overloads``, if given); for an op overload packet (``torch.ops.mylib.swish``) the packet and its
+    overloads; else ``op`` itself. Raises nothing."""
     if isinstance(op, str):
         found = [op] if callable(getattr(torch.Tensor, op, None)) else []
         found += [f for f in (getattr(torch, op, None), getattr(F, op, None)) if callable(f)]
         packet = getattr(aten, op, None)
-        return found + (op_spellings(packet) if isinstance(packet, torch._ops.OpOverloadPacket) else [])
+        return found + (op_spellings(packet, overloads) if isinstance(packet, torch._ops.OpOverloadPacket) else [])
     if isinstance(op, torch._ops.OpOverloadPacket):
-        return [op] + [getattr(op, name) for name in op.overloads()]
+        names = [name for name in op.overloads() if overloads is None or name in overloads]
+        return [op] * (overloads is None) + [getattr(op, name) for name in names]
     return [op]
 
 
@@ -133,25 +138,6 @@ for _modules, _rule in (
           nn.AdaptiveMaxPool3d), "pool")):
     for _module in _modules:
         register_channel_rule(_module, _rule)
-_BINARY = {operator.add: "add", torch.add: "add", "add": "add", aten.add.Tensor: "add", aten.add_.Tensor: "add",
-           operator.sub: "sub", torch.sub: "sub", "sub": "sub", aten.sub.Tensor: "sub",
-           operator.mul: "mul", torch.mul: "mul", "mul": "mul", aten.mul.Tensor: "mul", aten.mul_.Tensor: "mul",
-           operator.truediv: "div", torch.div: "div", "div": "div", aten.div.Tensor: "div"}
-_POWS = {operator.pow, torch.pow, "pow", aten.pow.Tensor_Scalar}
-_IN_PLACE = {aten.add_.Tensor, aten.mul_.Tensor, aten.relu_.default, aten.silu_.default, aten.dropout_.default,
-             aten.hardtanh_.default}
-_RESHAPES = {torch.flatten, "flatten", "view", "reshape", torch.reshape, aten.view.default, aten.reshape.default,
-             aten.flatten.using_ints}
-_SPLITS = {torch.split, "split", torch.chunk, "chunk", aten.split.Tensor, aten.split_with_sizes.default,
-           aten.chunk.default}
-_CONVS = {aten.conv1d.default, aten.conv2d.default, aten.conv3d.default, aten.conv1d.padding, aten.conv2d.padding,
-          aten.conv3d.padding, torch.conv1d, torch.conv2d, torch.conv3d}
-_CONV_TRANSPOSES = {aten.conv_transpose1d.default, aten.conv_transpose2d.input, aten.conv_transpose3d.input,
-                    torch.conv_transpose1d, torch.conv_transpose2d, torch.conv_transpose3d}
-_PERMUTES = {aten.permute.default, "permute", torch.permute, aten.transpose.int, "transpose", torch.transpose}
-_HEAD_OPS = _RESHAPES | _PERMUTES | {aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention}
-
-
 @dataclass
 class Channels:
     """The slots of one tensor: ``ids[i]`` is the slot of channel ``i`` along dimension ``dim`` (non-negative).
@@ -346,62 +332,66 @@ class ChannelGraph:
                                               "apart")
 
     def _dispatch(self, node: fx.Node):
-        """Handle ``node``: ``True``, or a reason (``None`` for the generic one) to pin what it reads."""
-        target, args = node.target, node.args
+        """Handle ``node`` by its op's rule or handler: ``True``, or a reason (``None`` for the generic one) to pin
+        what it reads."""
+        target = node.target
         heads = [a for a in node.all_input_nodes if a in self.channels and self.channels[a].inner > 1]
-        rule = _OP_RULES.get(target)
-        if heads and not (target in _HEAD_OPS or rule in ("keeps_zero", "elementwise")):
+        rule = _OP_RULES.get(target) if node.op != "call_module" else None
+        if heads and not (target in _HEAD_SAFE or rule in ("keeps_zero", "elementwise")):
             return f"{_describe(node)} reads attention heads, and it is not known to keep them apart"
-        if target in (aten.scaled_dot_product_attention.default, F.scaled_dot_product_attention):
-            return self._attention(node)
         if node.op == "call_module":
             return self._call_module(node)
-        if node.op == "call_method" and target == "size":
-            return True if args[1:] == (0,) or node.kwargs == {"dim": 0} else "their sizes are read"
         if rule == "reduce":
             return self._reduce(node)
         if rule is not None:
             return self._elementwise(node, rule)
-        if target in (aten.hardtanh.default, aten.hardtanh_.default):
-            low, high = (list(args[1:]) + [-1.0, 1.0][len(args) - 1:])[:2]
-            return self._elementwise(node, "keeps_zero" if low <= 0 <= high else "elementwise")
-        if target in _POWS and isinstance(args[1], (int, float)):  # x ** p keeps 0 where p > 0
-            return self._elementwise(node, "keeps_zero" if args[1] > 0 else "elementwise")
-        if target in (F.pad, aten.pad.default):
-            return self._pad(node)
-        if target in _BINARY:
-            return self._binary(node, _BINARY[target])
-        if target in (torch.cat, torch.concat, aten.cat.default):
-            return self._cat(node)
-        if target in _RESHAPES:
-            return self._reshape(node)
-        if target in _PERMUTES:
-            return self._permute(node)
-        if target in (torch.unsqueeze, "unsqueeze", aten.unsqueeze.default):
-            return self._unsqueeze(node)
-        if target in (aten.select.int, aten.slice.Tensor):
-            return self._index(node)
-        if target in _SPLITS:
-            return self._split(node)
-        if target is operator.getitem and args[0] in self._splits:
-            return self._section(node)
-        if target in (aten.linear.default, F.linear):  # F.linear: a layer inlined by a weight pass
-            return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
-                               conv=False)
-        if target in _CONVS or target in _CONV_TRANSPOSES:
-            return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None,
-                               args[6] if len(args) > 6 else 1, target in _CONV_TRANSPOSES, conv=True)
-        if target is aten.addmm.default and len(args) == 3 and not node.kwargs:  # transformers' Conv1D
-            return self._layer(node, args[1], self._ref(args[2]), args[0], 1, True, conv=False)
-        if target is aten.batch_norm.default:
-            refs = [self._ref(a) if a is not None else False for a in args[1:5]]
-            return self._batch_norm(node, refs)
-        if target is aten.rms_norm.default:
-            weight = self._ref(args[2]) if len(args) > 2 else None
-            eps = args[3] if len(args) > 3 else None
-            return self._rms_norm(node, args[1], weight, eps, lambda e, n, node=node: (
-                _set_arg(node, 1, [n]), _set_arg(node, 3, e)))
-        return None
+        handler = _HANDLERS.get(target)
+        return handler(self, node) if handler is not None else None
+
+    def _size(self, node: fx.Node):
+        if node.op != "call_method":
+            return None
+        return True if node.args[1:] == (0,) or node.kwargs == {"dim": 0} else "their sizes are read"
+
+    def _hardtanh(self, node: fx.Node):
+        low = node.args[1] if len(node.args) > 1 else node.kwargs.get("min_val", -1.0)
+        high = node.args[2] if len(node.args) > 2 else node.kwargs.get("max_val", 1.0)
+        return self._elementwise(node, "keeps_zero" if low <= 0 <= high else "elementwise")
+
+    def _pow(self, node: fx.Node):
+        exponent = node.args[1] if len(node.args) > 1 else None
+        if not isinstance(exponent, (int, float)) or isinstance(exponent, bool):
+            return None
+        return self._elementwise(node, "keeps_zero" if exponent > 0 else "elementwise")  # x ** p keeps 0 if p > 0
+
+    def _getitem(self, node: fx.Node):
+        return self._section(node) if node.args[0] in self._splits else None
+
+    def _linear(self, node: fx.Node):  # aten.linear; F.linear: a layer inlined by a weight pass
+        args = node.args
+        return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None, 1, False,
+                           conv=False)
+
+    def _conv(self, node: fx.Node, transposed: bool):
+        args = node.args
+        return self._layer(node, args[0], self._ref(args[1]), args[2] if len(args) > 2 else None,
+                           args[6] if len(args) > 6 else 1, transposed, conv=True)
+
+    def _addmm(self, node: fx.Node):  # transformers' Conv1D: addmm(bias, x, W_stored)
+        args = node.args
+        if len(args) != 3 or node.kwargs:
+            return None
+        return self._layer(node, args[1], self._ref(args[2]), args[0], 1, True, conv=False)
+
+    def _aten_batch_norm(self, node: fx.Node):
+        return self._batch_norm(node, [self._ref(a) if a is not None else False for a in node.args[1:5]])
+
+    def _aten_rms_norm(self, node: fx.Node):
+        args = node.args
+        weight = self._ref(args[2]) if len(args) > 2 else None
+        eps = args[3] if len(args) > 3 else None
+        return self._rms_norm(node, args[1], weight, eps, lambda e, n, node=node: (
+            _set_arg(node, 1, [n]), _set_arg(node, 3, e)))
 
     def _call_module(self, node: fx.Node):
         module = self.gm.get_submodule(node.target)
@@ -770,6 +760,54 @@ class ChannelGraph:
         """Indices (int64) of ``node``'s channels that stay when the groups ``removed`` go."""
         ids = self.channels[node].ids.tolist()
         return torch.tensor([i for i, s in enumerate(ids) if self.root(s) not in removed], dtype=torch.long)
+
+
+Handler = Callable[[ChannelGraph, fx.Node], object]
+_HANDLERS: dict[object, Handler] = {}  # every spelling of a structural op -> its handler
+_HEAD_SAFE: set = set()  # ops that keep attention heads apart (reshapes, permutes, attention itself)
+
+
+def _handles(ops: list, handler: Handler, overloads: Optional[tuple[str, ...]] = None, heads: bool = False) -> None:
+    """Register ``handler`` for every spelling of each of ``ops`` (:func:`op_spellings`, aten overloads limited
+    to ``overloads``); ``heads``: the op keeps attention heads apart."""
+    for op in ops:
+        for spelling in op_spellings(op, overloads):
+            _HANDLERS[spelling] = handler
+            if heads:
+                _HEAD_SAFE.add(spelling)
+
+
+_G = ChannelGraph
+_handles(["scaled_dot_product_attention"], _G._attention, heads=True)
+_handles(["size"], _G._size, overloads=())
+_handles(["hardtanh", "hardtanh_"], _G._hardtanh, overloads=("default",))
+_handles([operator.pow, "pow"], _G._pow, overloads=("Tensor_Scalar",))
+_handles(["pad"], _G._pad, overloads=("default",))
+for _op in ("add", "sub", "mul", "div"):
+    _handles([getattr(operator, "truediv" if _op == "div" else _op), _op, f"{_op}_"],
+             functools.partial(lambda graph, node, op: graph._binary(node, op), op=_op), overloads=("Tensor",))
+_handles(["cat", "concat"], _G._cat, overloads=("default",))
+_handles(["flatten"], _G._reshape, overloads=("using_ints",), heads=True)
+_handles(["view", "reshape"], _G._reshape, overloads=("default",), heads=True)
+_handles(["permute"], _G._permute, overloads=("default",), heads=True)
+_handles(["transpose"], _G._permute, overloads=("int",), heads=True)
+_handles(["unsqueeze"], _G._unsqueeze, overloads=("default",))
+_handles([aten.select.int, aten.slice.Tensor], _G._index)
+_handles(["split"], _G._split, overloads=("Tensor",))
+_handles(["split_with_sizes", "chunk"], _G._split, overloads=("default",))
+_handles([operator.getitem], _G._getitem)
+_handles(["linear"], _G._linear, overloads=("default",))
+_handles(["conv1d", "conv2d", "conv3d"], functools.partial(_G._conv, transposed=False),
+         overloads=("default", "padding"))
+_handles(["conv_transpose1d"], functools.partial(_G._conv, transposed=True), overloads=("default",))
+_handles(["conv_transpose2d", "conv_transpose3d"], functools.partial(_G._conv, transposed=True),
+         overloads=("input",))
+_handles([aten.addmm.default], _G._addmm)
+_handles([aten.batch_norm.default], _G._aten_batch_norm)
+_handles([aten.rms_norm.default], _G._aten_rms_norm)
+# in-place spellings: handled as their op only when nothing else reads the tensor they change
+_IN_PLACE = {s for name in ("add_", "sub_", "mul_", "div_", "relu_", "silu_", "dropout_", "hardtanh_")
+             for s in op_spellings(name)}
 
 
 def _compensate_rms(weight: Ref, eps: Optional[float], resize, x: fx.Node, n: int, kept: int) -> None:
