@@ -162,6 +162,19 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _reproduce(args: argparse.Namespace) -> int:
+    from rich.markdown import Markdown
+
+    from .reproduce import reproduce
+
+    results = reproduce(args.name, args.out, args.seeds, args.quick)
+    console = _console()
+    for name in results:
+        console.print(Markdown((Path(args.out) / f"{name}.md").read_text()))
+    console.print(f"wrote {', '.join(f'{n}.json/.md/.png' for n in results)} to {args.out}/")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the ``seedrand`` console script. Returns the exit code: 0 on success, 2 on bad input (one
     line on stderr; ``--debug`` raises instead, with the traceback), 1 on an internal error."""
@@ -199,6 +212,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--policies", help="directory of the demo's policy files (default: examples/policies of the "
                    "source checkout)")
     p.set_defaults(run=_demo)
+    p = sub.add_parser("reproduce", help="a paper's experiment on bundled data, several seeds, its figures beside "
+                       "ours and a verdict (shrinknets, or all)")
+    p.add_argument("name", help="which reproduction: shrinknets, or all")
+    p.add_argument("--out", default="examples/results/reproduce", help="directory for NAME.json, NAME.md, NAME.png")
+    p.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
+    p.add_argument("--quick", action="store_true", help="tiny sizes: every output in seconds")
+    p.set_defaults(run=_reproduce)
     parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
     for command in sub.choices.values():  # also after the command: `seedrand inspect ... --debug`
         command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=argparse.SUPPRESS)

@@ -38,8 +38,8 @@ from ._optional import pyplot, require
 from .errors import SeedrandError
 from .garbage import collect_garbage
 from .intrinsic import Task, intrinsic_dimension
-from .passes.filter_gates import gate_parameters, penalty
 from .policy import Policy, load_policy
+from .reproduce.common import accuracy, fit, mlp
 from .rewriter.rewrite import rewrite
 from .summary import summary
 
@@ -100,42 +100,6 @@ def _with_action(policy: Policy, **changes) -> Policy:
     return Policy.from_dict(data)
 
 
-def _fit(model: nn.Module, x: torch.Tensor, y: torch.Tensor, steps: int, lr: float = 1e-2,
-         batch: Optional[int] = None, gated: bool = False,
-         on_step: Optional[Callable[[int, float, torch.optim.Optimizer], None]] = None) -> nn.Module:
-    """Adam on cross-entropy (plus ``seedrand.penalty`` and a weight-decay-free gate group when ``gated``), full-batch
-    or on ``batch``-sized random batches. Runs under a forked, seeded RNG: repeatable, caller's RNG untouched."""
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    gates = {id(p) for p in gate_parameters(model)} if gated else set()
-    optimizer = torch.optim.Adam([{"params": [p for p in trainable if id(p) not in gates]},
-                                  {"params": [p for p in trainable if id(p) in gates], "weight_decay": 0.0}], lr=lr)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        model.train()
-        for step in range(steps):
-            index = torch.randint(len(x), (batch,)) if batch else slice(None)
-            optimizer.zero_grad()
-            loss = F.cross_entropy(model(x[index]), y[index]) + (penalty(model) if gated else 0.0)
-            loss.backward()
-            optimizer.step()
-            if on_step is not None:
-                on_step(step, loss.item(), optimizer)
-    return model.eval()
-
-
-def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
-    with torch.no_grad():
-        return (model(x).argmax(-1) == y).float().mean().item()
-
-
-def _mlp(*widths: int) -> nn.Sequential:
-    """``Linear-ReLU-...-Linear`` built under a fixed local seed (the caller's RNG is untouched)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        layers = [m for a, b in zip(widths, widths[1:]) for m in (nn.Linear(a, b), nn.ReLU())]
-        return nn.Sequential(*layers[:-1])
-
-
 def _plot(path: Path, draw: Callable, xlabel: str, ylabel: str, title: str, log_x: bool = False) -> None:
     plt = pyplot("the demo's plots")
 
@@ -162,11 +126,11 @@ def _part_freeze_fraction(data: zoo.Digits, s: DemoSettings, out: Path, policies
         # n_frozen is capped at n - 1 filters, so a frozen fraction just under 1 leaves a single learned filter
         frozen = 0.999 if learned is None else round(1.0 - learned, 6)
         model = rewrite(zoo.cnn()[0], _with_action(base, fraction=frozen, fixed=fixed), (x[:2],))
-        _fit(model, x, data.y_train, s.cnn_steps, lr=3e-3, batch=64)
+        fit(model, x, data.y_train, s.cnn_steps, lr=3e-3, batch=64)
         label = "1 filter" if learned is None else ("all" if learned == 1.0 else f"{learned:.0%}")
         rows.append({"learned": label, "fixed": fixed if learned != 1.0 else "-",
                      "learned_parameters": summary(model).total.trainable,
-                     "accuracy": _accuracy(model, x_test, data.y_test)})
+                     "accuracy": accuracy(model, x_test, data.y_test)})
 
     def draw(ax):
         full = [r for r in rows if r["fixed"] == "-"]
@@ -226,17 +190,17 @@ def _part_random_layers(data: zoo.Digits, s: DemoSettings, out: Path, policies: 
     freeze = Policy.from_dict({**policy.model_dump(by_alias=True, exclude_none=True),
                                     "rules": [{"match": policy.rules[0].match.model_dump(), "freeze": {}}]})
     widths = (64, s.random_width, s.random_width, 10)
-    variants = {"trained": lambda: _mlp(*widths),
-                "frozen, stored": lambda: rewrite(_mlp(*widths), freeze),
-                "random, regenerated": lambda: rewrite(_mlp(*widths), policy)}
+    variants = {"trained": lambda: mlp(*widths),
+                "frozen, stored": lambda: rewrite(mlp(*widths), freeze),
+                "random, regenerated": lambda: rewrite(mlp(*widths), policy)}
     rows, models = [], {}
     for name, build in tqdm(variants.items(), desc="2 random layers", unit="model"):
         model = build()
         start = time.perf_counter()
-        _fit(model, data.x_train, data.y_train, s.random_steps)
+        fit(model, data.x_train, data.y_train, s.random_steps)
         seconds = time.perf_counter() - start
         stored = sum(t.numel() * t.element_size() for t in itertools.chain(model.parameters(), model.buffers()))
-        rows.append({"model": name, "accuracy": _accuracy(model, data.x_test, data.y_test),
+        rows.append({"model": name, "accuracy": accuracy(model, data.x_test, data.y_test),
                      "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
                      "stored_bytes": stored, "peak_training_bytes": _peak_training_bytes(
                          model, data.x_train, data.y_train), "seconds_per_step": seconds / s.random_steps})
@@ -258,7 +222,7 @@ def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Pat
     policy = _policy("mlp_filter_gates.yaml", policies)
     rows, curves, shrunk = [], {}, None
     for lam in tqdm((0.0, *s.lambdas), desc="3 ShrinkNets", unit="lambda"):
-        model = rewrite(_mlp(64, s.gated_width, 10), _with_action(policy, **{"lambda": lam}), (data.x_train[:2],))
+        model = rewrite(mlp(64, s.gated_width, 10), _with_action(policy, **{"lambda": lam}), (data.x_train[:2],))
         gate = model.get_submodule(f"{policy.rules[0].match.modules[0]}_gate")
         curve = curves[lam] = {"step": [], "live": [], "loss": []}
 
@@ -269,10 +233,10 @@ def _part_shrinknets(data: zoo.Digits, s: DemoSettings, out: Path, policies: Pat
             curve["live"].append(int(gate.live.sum()))
             curve["loss"].append(loss)
 
-        _fit(model, data.x_train, data.y_train, s.gated_steps, gated=True, on_step=on_step)
+        fit(model, data.x_train, data.y_train, s.gated_steps, gated=True, on_step=on_step)
         collect_garbage(model)
         width = model.get_submodule(policy.rules[0].match.modules[0]).out_features
-        rows.append({"lambda": lam, "final_width": width, "accuracy": _accuracy(model, data.x_test, data.y_test),
+        rows.append({"lambda": lam, "final_width": width, "accuracy": accuracy(model, data.x_test, data.y_test),
                      "parameters": sum(p.numel() for p in model.parameters())})
         if lam == s.lambdas[len(s.lambdas) // 2]:
             shrunk = model
@@ -318,7 +282,7 @@ def _part_deployment(data: zoo.Digits, out: Path, shrunk: nn.Module, random_mode
         logits = session.run(None, {session.get_inputs()[0].name: data.x_test.numpy()})[0]
         rows.append({"model": name, "weights": weights, "bytes": report.bytes,
                      "onnxruntime_accuracy": (torch.from_numpy(logits).argmax(-1) == data.y_test).float().mean().item(),
-                     "pytorch_accuracy": _accuracy(model, data.x_test, data.y_test)})
+                     "pytorch_accuracy": accuracy(model, data.x_test, data.y_test)})
     return {"compiled_max_abs_difference": (fast - eager).abs().max().item(), "rows": rows}
 
 
