@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # for type checkers and the documentation; at run time __geta
     from .merge import load_base_state_dict, merge
     from .passes.filter_gates import gate_parameters, penalty
     from .policy import Policy, load_policy
-    from .rewriter.channels import register_channel_rule
+    from .garbage import register_channel_rule
     from .rewriter.rewrite import rewrite
     from .scheduler import CapacityScheduler
     from .summary import summary
@@ -49,7 +49,7 @@ _LAZY = {
     "drop_inactive": ".garbage",
     "Policy": ".policy", "load_policy": ".policy",
     "rewrite": ".rewriter.rewrite",
-    "register_channel_rule": ".rewriter.channels",
+    "register_channel_rule": ".garbage",
     "CapacityScheduler": ".scheduler",
     "summary": ".summary",
 }

@@ -8,8 +8,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import seedrand
-from seedrand.rewriter import channels
-from seedrand.rewriter.channels import op_spellings, register_channel_rule
+from seedrand.garbage import rules
+from seedrand.garbage.rules import op_spellings, register_channel_rule
 from seedrand.testing import check_garbage_collection
 
 
@@ -102,7 +102,7 @@ class Squashed(nn.Module):
 
 
 def test_registering_a_users_op(monkeypatch):
-    monkeypatch.setattr(channels, "_OP_RULES", dict(channels._OP_RULES))  # this test's registrations only
+    monkeypatch.setattr(rules, "_OP_RULES", dict(rules._OP_RULES))  # this test's registrations only
     args = (seeded(Squashed), (torch.randn(6, 4),))
     before = check_garbage_collection(*args, match={"modules": ["a"]}, fraction=0.5, seed=2)
     register_channel_rule(squash, "keeps_zero")

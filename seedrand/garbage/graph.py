@@ -47,97 +47,24 @@ import functools
 import math
 import operator
 from dataclasses import dataclass
-from typing import Callable, Optional, Union
+from typing import Callable, Optional
 
 import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..layers import layer_spec, mro_lookup
+from ..layers import layer_spec
 from ..passes.filter_gates import FilterGate
+from .rules import handler, handles, in_place, keeps_heads, module_rule, op_rule
+from .slots import Slots
 
-__all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size", "register_channel_rule", "op_spellings",
-           "CHANNEL_RULES"]
+__all__ = ["ChannelGraph", "Channels", "Ref", "Slice", "Size"]
 
 aten = torch.ops.aten
 _NORM_MODULES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
-CHANNEL_RULES = ("keeps_zero", "elementwise", "pool", "reduce")
-_OP_RULES: dict[object, str] = {}  # every spelling of an op -> its rule
-_MODULE_RULES: dict[Union[type, str], str] = {}  # module classes (or qualified names) -> their rule
 
 
-def op_spellings(op: Union[str, Callable], overloads: Optional[tuple[str, ...]] = None) -> list:
-    """Every spelling under which a traced graph calls ``op``: for a name (``"relu"``) the ``torch``,
-    ``torch.nn.functional`` and ``Tensor`` method spellings that exist and ``aten.<name>`` with its overloads (those
-    named in ``overloads``, if given); for an op overload packet (``torch.ops.mylib.swish``) the packet and its
-    overloads; else ``op`` itself. Raises nothing."""
-    if isinstance(op, str):
-        found = [op] if callable(getattr(torch.Tensor, op, None)) else []
-        found += [f for f in (getattr(torch, op, None), getattr(F, op, None)) if callable(f)]
-        packet = getattr(aten, op, None)
-        return found + (op_spellings(packet, overloads) if isinstance(packet, torch._ops.OpOverloadPacket) else [])
-    if isinstance(op, torch._ops.OpOverloadPacket):
-        names = [name for name in op.overloads() if overloads is None or name in overloads]
-        return [op] * (overloads is None) + [getattr(op, name) for name in names]
-    return [op]
-
-
-def register_channel_rule(op: Union[str, Callable, type], rule: str) -> None:
-    """Say what ``op`` does to channels, for the channel dependency graph of garbage collection (an op without a
-    rule is a barrier: the channels it reads are kept, and ``explain=True`` names it).
-
-    Args:
-        op: a name (``"relu"``: every spelling, see :func:`op_spellings`), a ``torch.ops`` overload packet (all its
-            overloads) or overload, a function, or an ``nn.Module`` subclass (or its qualified name) called as a
-            leaf module.
-        rule: ``"keeps_zero"``: element-wise on its first argument with ``f(0) = 0`` (ReLU, GELU, dropout), so a
-            dead channel stays dead; ``"elementwise"``: element-wise with ``f(0) != 0`` (sigmoid, exp), channels kept
-            apart but a dead one becomes live; ``"pool"``: acts on the dims after the channel dim (1) only, zero
-            preserving (max/average pooling); ``"reduce"``: reduces over the dims its second argument (or ``dim=``)
-            names, channel-preserving unless they include the channel dim (``sum``, ``mean``, ``amax``).
-
-    Raises:
-        ValueError: an unknown rule, or ``"reduce"`` for a module class (its dims are not in its call).
-        TypeError: ``op`` is none of the above.
-    """
-    if rule not in CHANNEL_RULES:
-        raise ValueError(f"register_channel_rule: rule must be one of {', '.join(CHANNEL_RULES)}, not {rule!r}")
-    if isinstance(op, type) and issubclass(op, nn.Module):
-        if rule == "reduce":
-            raise ValueError("register_channel_rule: a module's reduction dims are not in its call; give the "
-                             "module a rule of its own kind, or register the function its forward calls")
-        _MODULE_RULES[op] = rule
-    elif isinstance(op, str) and "." in op:  # a module class by qualified name
-        _MODULE_RULES[op] = rule
-    elif isinstance(op, str) or callable(op):
-        spellings = op_spellings(op)
-        if not spellings:
-            raise TypeError(f"register_channel_rule: no torch, functional, Tensor method or aten op is named "
-                            f"{op!r}")
-        _OP_RULES.update(dict.fromkeys(spellings, rule))
-    else:
-        raise TypeError(f"register_channel_rule takes an op, a function, a name or an nn.Module subclass, not {op!r}")
-
-
-for _names, _rule in (
-        (["relu", "relu6", "leaky_relu", "gelu", "silu", "tanh", "elu", "hardswish", "mish", "dropout",
-          "contiguous", "clone", "abs", "neg", "square", "sin", "erf", aten.relu_, aten.silu_, aten.dropout_],
-         "keeps_zero"),
-        (["sigmoid", "hardsigmoid", "exp", "cos"], "elementwise"),
-        ([f"{kind}_pool{n}d" for kind in ("max", "avg", "adaptive_avg", "adaptive_max") for n in (1, 2, 3)], "pool"),
-        (["mean", "sum", "amax", "amin"], "reduce")):
-    for _name in _names:
-        register_channel_rule(_name, _rule)
-for _modules, _rule in (
-        ((nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Tanh, nn.ELU, nn.Hardswish, nn.Mish, nn.Dropout,
-          nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.Identity), "keeps_zero"),
-        ((nn.Sigmoid, nn.Hardsigmoid), "elementwise"),
-        ((nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d,
-          nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
-          nn.AdaptiveMaxPool3d), "pool")):
-    for _module in _modules:
-        register_channel_rule(_module, _rule)
 @dataclass
 class Channels:
     """The slots of one tensor: ``ids[i]`` is the slot of channel ``i`` along dimension ``dim`` (non-negative).
@@ -186,7 +113,7 @@ class Size:
     write: Callable[[object], None]
 
 
-class ChannelGraph:
+class ChannelGraph(Slots):
     """The dependency groups of ``gm`` (see the module docstring).
 
     Args:
@@ -201,6 +128,7 @@ class ChannelGraph:
     """
 
     def __init__(self, gm: fx.GraphModule):
+        super().__init__()
         self.gm = gm
         self.channels: dict[fx.Node, Channels] = {}
         self.slices: list[Slice] = []
@@ -208,10 +136,6 @@ class ChannelGraph:
         self.layers: dict[fx.Node, nn.Module] = {}
         self._sliced: dict[tuple[int, str, int], Slice] = {}  # (owner, tensor, dim) -> its one Slice
         self._splits: dict[fx.Node, tuple[Channels, list[int]]] = {}
-        self._parent: list[int] = []
-        self._zero: list[bool] = []
-        self._pinned: dict[int, str] = {}  # slot -> why it cannot be removed
-        self._read: dict[int, str] = {}  # sink slot -> "" if its removal is exact, else the reading layer
         calls: dict[str, int] = {}
         for node in gm.graph.nodes:
             if node.op == "call_module":
@@ -220,46 +144,10 @@ class ChannelGraph:
         for node in gm.graph.nodes:
             self._visit(node)
 
-    # union-find over slots ---------------------------------------------------------------------------------------
-    def _new(self, zero: torch.Tensor) -> torch.Tensor:
-        start = len(self._parent)
-        self._parent.extend(range(start, start + len(zero)))
-        self._zero.extend(bool(z) for z in zero)
-        return torch.arange(start, start + len(zero))
-
-    def root(self, slot: int) -> int:
-        """The dependency group (its representative slot) of ``slot``."""
-        parent = self._parent
-        while parent[slot] != slot:
-            parent[slot] = parent[parent[slot]]
-            slot = parent[slot]
-        return slot
-
-    def _join(self, a: torch.Tensor, b: torch.Tensor) -> None:
-        for x, y in zip(a.tolist(), b.tolist()):
-            rx, ry = self.root(x), self.root(y)
-            if rx != ry:
-                self._parent[ry] = rx
-
-    def zero(self, ids: torch.Tensor) -> torch.Tensor:
-        """Whether each slot is provably zero: bool, like ``ids``."""
-        return torch.tensor([self._zero[i] for i in ids.tolist()], dtype=torch.bool)
-
-    def _pin(self, ids: torch.Tensor, why: str) -> None:
-        for i in ids.tolist():
-            self._pinned.setdefault(i, why)
-
     def _pin_inputs(self, node: fx.Node, why: str) -> None:
         for arg in node.all_input_nodes:
             if arg in self.channels:
                 self._pin(self.channels[arg].ids, why)
-
-    def _sink(self, ids: torch.Tensor, exact: torch.Tensor, reader: str) -> None:
-        for slot, ok in zip(ids.tolist(), exact.tolist()):
-            if not ok:
-                self._read[slot] = f"{reader} reads them while they are non-zero"
-            else:
-                self._read.setdefault(slot, "")
 
     # shapes and attributes ---------------------------------------------------------------------------------------
     @staticmethod
@@ -323,7 +211,7 @@ class ChannelGraph:
             return
         if node.op in ("placeholder", "get_attr"):
             return
-        if node.target in _IN_PLACE and len(node.args[0].users) > 1:
+        if in_place(node.target) and len(node.args[0].users) > 1:
             handled = f"{_describe(node)} changes {node.args[0].name} in place while others read it"
         else:
             handled = self._dispatch(node)
@@ -336,8 +224,8 @@ class ChannelGraph:
         what it reads."""
         target = node.target
         heads = [a for a in node.all_input_nodes if a in self.channels and self.channels[a].inner > 1]
-        rule = _OP_RULES.get(target) if node.op != "call_module" else None
-        if heads and not (target in _HEAD_SAFE or rule in ("keeps_zero", "elementwise")):
+        rule = op_rule(target) if node.op != "call_module" else None
+        if heads and not keeps_heads(target):
             return f"{_describe(node)} reads attention heads, and it is not known to keep them apart"
         if node.op == "call_module":
             return self._call_module(node)
@@ -345,8 +233,8 @@ class ChannelGraph:
             return self._reduce(node)
         if rule is not None:
             return self._elementwise(node, rule)
-        handler = _HANDLERS.get(target)
-        return handler(self, node) if handler is not None else None
+        handle = handler(target)
+        return handle(self, node) if handle is not None else None
 
     def _size(self, node: fx.Node):
         if node.op != "call_method":
@@ -413,7 +301,7 @@ class ChannelGraph:
                                                                       setattr(m, "normalized_shape", (n,))))
         if isinstance(module, nn.Flatten):
             return self._reshape(node)
-        rule = mro_lookup(_MODULE_RULES, type(module))
+        rule = module_rule(module)
         return self._elementwise(node, rule) if rule else None
 
     def _layer(self, node: fx.Node, x: fx.Node, weight: Optional[Ref], bias, groups: int, transposed: bool,
@@ -762,53 +650,34 @@ class ChannelGraph:
         return torch.tensor([i for i, s in enumerate(ids) if self.root(s) not in removed], dtype=torch.long)
 
 
-Handler = Callable[[ChannelGraph, fx.Node], object]
-_HANDLERS: dict[object, Handler] = {}  # every spelling of a structural op -> its handler
-_HEAD_SAFE: set = set()  # ops that keep attention heads apart (reshapes, permutes, attention itself)
-
-
-def _handles(ops: list, handler: Handler, overloads: Optional[tuple[str, ...]] = None, heads: bool = False) -> None:
-    """Register ``handler`` for every spelling of each of ``ops`` (:func:`op_spellings`, aten overloads limited
-    to ``overloads``); ``heads``: the op keeps attention heads apart."""
-    for op in ops:
-        for spelling in op_spellings(op, overloads):
-            _HANDLERS[spelling] = handler
-            if heads:
-                _HEAD_SAFE.add(spelling)
-
-
 _G = ChannelGraph
-_handles(["scaled_dot_product_attention"], _G._attention, heads=True)
-_handles(["size"], _G._size, overloads=())
-_handles(["hardtanh", "hardtanh_"], _G._hardtanh, overloads=("default",))
-_handles([operator.pow, "pow"], _G._pow, overloads=("Tensor_Scalar",))
-_handles(["pad"], _G._pad, overloads=("default",))
+handles(["scaled_dot_product_attention"], _G._attention, heads=True)
+handles(["size"], _G._size, overloads=())
+handles(["hardtanh", "hardtanh_"], _G._hardtanh, overloads=("default",))
+handles([operator.pow, "pow"], _G._pow, overloads=("Tensor_Scalar",))
+handles(["pad"], _G._pad, overloads=("default",))
 for _op in ("add", "sub", "mul", "div"):
-    _handles([getattr(operator, "truediv" if _op == "div" else _op), _op, f"{_op}_"],
+    handles([getattr(operator, "truediv" if _op == "div" else _op), _op, f"{_op}_"],
              functools.partial(lambda graph, node, op: graph._binary(node, op), op=_op), overloads=("Tensor",))
-_handles(["cat", "concat"], _G._cat, overloads=("default",))
-_handles(["flatten"], _G._reshape, overloads=("using_ints",), heads=True)
-_handles(["view", "reshape"], _G._reshape, overloads=("default",), heads=True)
-_handles(["permute"], _G._permute, overloads=("default",), heads=True)
-_handles(["transpose"], _G._permute, overloads=("int",), heads=True)
-_handles(["unsqueeze"], _G._unsqueeze, overloads=("default",))
-_handles([aten.select.int, aten.slice.Tensor], _G._index)
-_handles(["split"], _G._split, overloads=("Tensor",))
-_handles(["split_with_sizes", "chunk"], _G._split, overloads=("default",))
-_handles([operator.getitem], _G._getitem)
-_handles(["linear"], _G._linear, overloads=("default",))
-_handles(["conv1d", "conv2d", "conv3d"], functools.partial(_G._conv, transposed=False),
+handles(["cat", "concat"], _G._cat, overloads=("default",))
+handles(["flatten"], _G._reshape, overloads=("using_ints",), heads=True)
+handles(["view", "reshape"], _G._reshape, overloads=("default",), heads=True)
+handles(["permute"], _G._permute, overloads=("default",), heads=True)
+handles(["transpose"], _G._permute, overloads=("int",), heads=True)
+handles(["unsqueeze"], _G._unsqueeze, overloads=("default",))
+handles([aten.select.int, aten.slice.Tensor], _G._index)
+handles(["split"], _G._split, overloads=("Tensor",))
+handles(["split_with_sizes", "chunk"], _G._split, overloads=("default",))
+handles([operator.getitem], _G._getitem)
+handles(["linear"], _G._linear, overloads=("default",))
+handles(["conv1d", "conv2d", "conv3d"], functools.partial(_G._conv, transposed=False),
          overloads=("default", "padding"))
-_handles(["conv_transpose1d"], functools.partial(_G._conv, transposed=True), overloads=("default",))
-_handles(["conv_transpose2d", "conv_transpose3d"], functools.partial(_G._conv, transposed=True),
+handles(["conv_transpose1d"], functools.partial(_G._conv, transposed=True), overloads=("default",))
+handles(["conv_transpose2d", "conv_transpose3d"], functools.partial(_G._conv, transposed=True),
          overloads=("input",))
-_handles([aten.addmm.default], _G._addmm)
-_handles([aten.batch_norm.default], _G._aten_batch_norm)
-_handles([aten.rms_norm.default], _G._aten_rms_norm)
-# in-place spellings: handled as their op only when nothing else reads the tensor they change
-_IN_PLACE = {s for name in ("add_", "sub_", "mul_", "div_", "relu_", "silu_", "dropout_", "hardtanh_")
-             for s in op_spellings(name)}
-
+handles([aten.addmm.default], _G._addmm)
+handles([aten.batch_norm.default], _G._aten_batch_norm)
+handles([aten.rms_norm.default], _G._aten_rms_norm)
 
 def _compensate_rms(weight: Ref, eps: Optional[float], resize, x: fx.Node, n: int, kept: int) -> None:
     """After an RMSNorm lost ``n - kept`` zero channels: ``resize(eps * n / kept, kept)`` and scale the weight by
