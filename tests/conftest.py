@@ -17,6 +17,13 @@ def zoo_models():
     return {name: factory() for name, factory in zoo.FACTORIES.items()}
 
 
+def seeded(build):
+    """``build()`` under torch seed 0, the caller's RNG untouched (models whose init must not vary)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return build()
+
+
 def logits(output):
     """The main tensor of a model output (transformers ModelOutput, tuple or tensor)."""
     if hasattr(output, "logits"):

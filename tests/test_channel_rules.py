@@ -6,17 +6,12 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import seeded
 
 import seedrand
 from seedrand.garbage import rules
 from seedrand.garbage.rules import op_spellings, register_channel_rule
 from seedrand.testing import check_garbage_collection
-
-
-def seeded(build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build()
 
 
 class Pointwise(nn.Module):

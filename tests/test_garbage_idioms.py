@@ -1,17 +1,12 @@
 """Garbage collection through idioms beyond one call per layer: modules called more than once (a shared activation,
-a weight-shared layer and its gate, a shared BatchNorm refused). Each is checked in float64 by seedrand.testing
+a weight-shared layer and its gate, a shared BatchNorm whose other call is untracked). Each is checked in float64 by seedrand.testing
 (outputs unchanged in eval and train mode, same optimizer training on)."""
 
 import torch
 import torch.nn as nn
+from conftest import seeded
 
 from seedrand.testing import check_garbage_collection
-
-
-def seeded(build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build()
 
 
 class SharedReLU(nn.Module):

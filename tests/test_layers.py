@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import seeded
 
 import seedrand
 from seedrand.kernels.init import sample
@@ -15,12 +16,6 @@ from seedrand.kernels.philox import derive_seed
 from seedrand.layers import LayerSpec, layer_spec, register_layer
 from seedrand.passes.random import RandomConvTranspose, RandomLinear
 from seedrand.testing import check_garbage_collection
-
-
-def seeded(build):
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        return build()
 
 
 class Decoder(nn.Module):
