@@ -1,7 +1,8 @@
-"""Garbage collection through idioms beyond one call per layer: modules called more than once (a shared activation,
-a weight-shared layer and its gate, a shared BatchNorm whose other call is untracked). Each is checked in float64 by seedrand.testing
-(outputs unchanged in eval and train mode, same optimizer training on)."""
+"""Garbage collection through idioms beyond one call per layer: channel shuffles, and modules called more than once
+(a shared activation, a weight-shared layer and its gate, a shared BatchNorm whose other call is untracked). Each is
+checked in float64 by seedrand.testing (outputs unchanged in eval and train mode, same optimizer training on)."""
 
+import pytest
 import torch
 import torch.nn as nn
 from conftest import seeded
@@ -79,3 +80,51 @@ def test_a_shared_module_with_an_untracked_call_keeps_its_channels():
     report = check_garbage_collection(seeded(SharedNorm).eval(), (torch.randn(2, 3, 4, 4),), match={"modules": ["a"]},
                                       fraction=0.5, seed=0)
     assert "a" not in report.removed and "a_gate" in report.blocked
+
+
+class ChannelShuffle(nn.Module):
+    """ShuffleNet's channel shuffle between two convolutions: view into 3 groups of 4, transpose, view back."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(3, 12, 1), nn.Conv2d(12, 6, 1)
+
+    def forward(self, x):
+        y = torch.relu(self.a(x)).view(-1, 3, 4, 5, 5).transpose(1, 2).contiguous().view(-1, 12, 5, 5)
+        return self.b(y)
+
+
+class ExportedShuffle(ChannelShuffle):
+    def forward(self, x):
+        if x.shape[0] > 0:  # control flow on a shape defeats symbolic tracing: seedrand exports the model
+            x = super().forward(x)
+        return x
+
+
+def kill_position(position):
+    """Kill a's gate at ``position`` of every group of 4 (channels position, 4 + position, 8 + position)."""
+    def kill(model):
+        with torch.no_grad():
+            model.get_submodule("a_gate").theta[position::4] = -1.0
+    return kill
+
+
+@pytest.mark.parametrize("cls", [ChannelShuffle, ExportedShuffle])
+def test_a_channel_shuffle_is_tracked_as_a_permutation(cls):
+    """A position dead in every group goes (the group count stays, the literal sizes follow); the shuffled consumer
+    loses the permuted columns. One group's channel alone cannot go: the shuffle needs equal groups."""
+    inputs = (torch.randn(2, 3, 5, 5),)
+    report = check_garbage_collection(seeded(cls).eval(), inputs, match={"modules": ["a"]}, kill=kill_position(1),
+                                      graph=True)
+    assert report.removed == {"a": 3, "a_gate": 3}, report
+    if cls is ChannelShuffle:  # the kept model's own forward writes the sizes as numbers: it cannot follow
+        kept = check_garbage_collection(seeded(cls).eval(), inputs, match={"modules": ["a"]}, kill=kill_position(1))
+        assert kept.removed == {} and "graph=True" in kept.not_applied
+
+    def kill_one(model):
+        with torch.no_grad():
+            model.get_submodule("a_gate").theta[1] = -1.0
+
+    report = check_garbage_collection(seeded(cls).eval(), (torch.randn(2, 3, 5, 5),), match={"modules": ["a"]},
+                                      kill=kill_one, graph=True)
+    assert report.removed == {} and "a_gate" in report.blocked

@@ -70,13 +70,16 @@ class Channels:
     """The slots of one tensor: ``ids[i]`` is the slot of channel ``i`` along dimension ``dim`` (non-negative).
 
     Attention splits channels into heads: then ``inner`` (the head size) > 1 and channel ``i`` sits at index
-    ``i // inner`` of ``dim`` (heads) and ``i % inner`` of ``inner_dim``.
+    ``i // inner`` of ``dim`` (heads) and ``i % inner`` of ``inner_dim``. A channel shuffle (ShuffleNet's
+    ``view(N, groups, C // groups, ...)``, ``transpose``, ``view(N, C, ...)``) splits them the same way into groups
+    (``shuffle``): position ``i % inner`` of every group is one dependency group, so removal keeps the group count.
     """
 
     dim: int
     ids: torch.Tensor  # int64, (channels,)
     inner: int = 1
     inner_dim: int = -1
+    shuffle: bool = False
 
 
 @dataclass(frozen=True)
@@ -174,7 +177,7 @@ class ChannelGraph(Slots):
         """``node``'s channel ``i`` depends on ``source``'s channel ``i`` alone, with its own zero flags."""
         ids = self._new(zero)
         self._join(source.ids, ids)
-        self.channels[node] = Channels(source.dim, ids, source.inner, source.inner_dim)
+        self.channels[node] = Channels(source.dim, ids, source.inner, source.inner_dim, source.shuffle)
 
     def _ref(self, node) -> Optional[Ref]:
         """The parameter or buffer a ``get_attr`` node read by one op reads (``None`` for anything else: a shared
@@ -497,7 +500,10 @@ class ChannelGraph(Slots):
         if source is None:
             return True
         before, after, d = tuple(self._shape(node.args[0])), tuple(self._shape(node)), source.dim
-        inner, inner_dim, count = 1, -1, len  # count: the channel position's size from the kept channels
+        inner, inner_dim, shuffle, count = 1, -1, False, len  # count: the channel position's size from the kept ones
+        size_dim = None  # where a literal size follows the kept channels (default: the channel dim)
+        if source.shuffle:
+            return self._unshuffle(node, source, before, after)
         if source.inner > 1:
             if before == after:
                 out_dim, ids, inner, inner_dim = d, source.ids, source.inner, source.inner_dim
@@ -516,13 +522,42 @@ class ChannelGraph(Slots):
                 after[d] * after[d + 1] == before[d]:  # channels split into heads (attention)
             out_dim, ids, inner, inner_dim = d, source.ids, after[d + 1], d + 1
             count = (lambda keep, n=after[d + 1]: len(keep) // n)
+        elif after[:d] == before[:d] and after[d + 2:] == before[d + 1:] and len(after) == len(before) + 1 and \
+                after[d] * after[d + 1] == before[d]:  # channels split into groups (a channel shuffle's first view)
+            groups, per = after[d], after[d + 1]
+            grid = source.ids.reshape(groups, per)
+            self._join(grid[:1].expand(groups, per).reshape(-1), grid.reshape(-1))  # a position goes in every group
+            out_dim, ids, inner, inner_dim, shuffle = d, source.ids, per, d + 1, True
+            count, size_dim = (lambda keep, g=groups: len(keep) // g), d + 1
         else:
             return f"{_describe(node)} mixes the channel dim with others"
+        self._literal_size(node, out_dim if size_dim is None else size_dim, count)
+        self.channels[node] = Channels(out_dim, ids, inner, inner_dim, shuffle)
+        return True
+
+    def _literal_size(self, node: fx.Node, dim: int, count: Callable) -> None:
+        """A ``view``/``reshape`` that writes the size of ``dim`` as a number gets it rewritten to ``count(kept)``."""
         if node.target in ("view", "reshape", torch.reshape, aten.view.default, aten.reshape.default):
             sizes = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
-            if isinstance(sizes[out_dim], int) and sizes[out_dim] != -1:  # a literal channel (or head) count
-                self.sizes.append(Size(node, count, lambda v, node=node, i=out_dim: _set_size(node, i, v)))
-        self.channels[node] = Channels(out_dim, ids, inner, inner_dim)
+            if isinstance(sizes[dim], int) and sizes[dim] != -1:  # a literal channel (head, group) count
+                self.sizes.append(Size(node, count, lambda v, node=node, i=dim: _set_size(node, i, v)))
+
+    def _unshuffle(self, node: fx.Node, source: Channels, before: tuple, after: tuple):
+        """A reshape of channels split into groups: the same shape (a ``view`` of it), or the groups merged back,
+        in their order or transposed (a channel shuffle: channel ``k * inner + j`` of the split moves to
+        ``j * groups + k``)."""
+        d, g = source.dim, source.inner_dim
+        if before == after:
+            self._literal_size(node, g, lambda keep, n=before[d]: len(keep) // n)
+            self.channels[node] = source
+            return True
+        low = min(d, g)
+        if abs(d - g) != 1 or after != (*before[:low], before[d] * before[g], *before[low + 2:]):
+            return f"{_describe(node)} reshapes a channel shuffle's groups"
+        groups, per = before[d], before[g]
+        ids = source.ids if g == d + 1 else source.ids.reshape(groups, per).t().reshape(-1)
+        self._literal_size(node, low, len)
+        self.channels[node] = Channels(low, ids)
         return True
 
     def _attention(self, node: fx.Node):
@@ -558,7 +593,7 @@ class ChannelGraph(Slots):
             dims = node.args[1] if isinstance(node.args[1], (list, tuple)) else node.args[1:]
             order = [d % ndim for d in dims]
         inner_dim = order.index(source.inner_dim) if source.inner > 1 else -1
-        self.channels[node] = Channels(order.index(source.dim), source.ids, source.inner, inner_dim)
+        self.channels[node] = Channels(order.index(source.dim), source.ids, source.inner, inner_dim, source.shuffle)
         return True
 
     def _unsqueeze(self, node: fx.Node):
