@@ -188,7 +188,9 @@ def spec_of(target: Target) -> LayerSpec:
     """The :class:`~seedrand.layers.LayerSpec` of the module's class.
 
     Raises:
-        PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``).
+        PolicyError: the class is not registered (names the registered classes and ``seedrand.register_layer``),
+            it is a wrapper (``LayerSpec.delegate``: select the child), or its layout is ``"tensors"`` and the
+            action is not ``random``.
     """
     spec = layer_spec(target.cls)
     if spec is not None and spec.layout == "tensors" and target.rule.action != "random":
